@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+# The two set-up commands: `make demo` and `make test`. See README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SRC := controller kubeletplugin proto_gen tests hack bench
+
+.PHONY: all venv deps test lint typecheck proto proto-check pytest k8s-bins tools \
+        cluster-up cluster-down demo bench clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the tests need (etcd for the control plane). Needs root.
+deps:
+	hack/install-deps.sh
+
+tools:
+	hack/build-tools.sh
+
+k8s-bins:
+	hack/build-k8s.sh
+
+lint: venv
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+proto: venv
+	$(PY) hack/gen_proto.py
+
+proto-check: venv
+	$(PY) hack/gen_proto.py --check
+
+pytest: venv k8s-bins
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The README's test command: lint, types, generated-code check, all tests.
+test: lint typecheck proto-check pytest
+
+cluster-up: venv k8s-bins
+	$(PY) -m tests.harness.cluster up
+
+cluster-down: venv
+	$(PY) -m tests.harness.cluster down
+
+demo: venv k8s-bins
+	$(PY) -m tests.harness.demo
+
+bench: venv k8s-bins
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,393 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The thin async Kubernetes API layer used by both processes.
+
+Objects are plain dicts decoded with orjson; no typed models. Errors become
+the exceptions of `controller.errors`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from .errors import ApiError, Gone, Invalid, NotFound, Unauthorized, Unavailable, error_from_status
+from .kubeconfig import ClusterConfig
+from .ratelimit import TokenBucket
+from .resources import RESOURCE_GROUP, Resource, pick_resource_version
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # JSON is valid YAML
+
+
+def _ssl_context(config: ClusterConfig) -> ssl.SSLContext | bool:
+    if not config.server.startswith("https"):
+        return False
+    if config.insecure_skip_tls_verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=config.ca_file)
+    if config.client_cert_file:
+        ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
+    return ctx
+
+
+def _describe(method: str, path: str) -> str:
+    return f"{method} {path}"
+
+
+class ApiClient:
+    """An HTTP/1.1 keep-alive connection pool to the API server.
+
+    `qps`/`burst` bound request rate (watches excepted, as they are long-lived).
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        qps: float = 50.0,
+        burst: int = 100,
+        user_agent: str = "power-dra-driver",
+        timeout: float = 30.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.config = config
+        self.limiter = TokenBucket(qps, burst)
+        self._timeout = timeout
+        self._user_agent = user_agent
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._resource_version: str | None = None
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                ssl=_ssl_context(self.config), limit=self._max_connections, keepalive_timeout=60
+            )
+            self._session = aiohttp.ClientSession(
+                base_url=self.config.server,
+                connector=connector,
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+                headers={"User-Agent": self._user_agent, "Accept": JSON},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        token = self.config.bearer_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        what: str = "",
+    ) -> Any:
+        """Send one request and return the decoded JSON answer (None when empty)."""
+        await self.limiter.acquire()
+        session = self._ensure_session()
+        data = orjson.dumps(body) if body is not None else None
+        what = what or _describe(method, path)
+        try:
+            async with session.request(
+                method,
+                path,
+                params=params,
+                data=data,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Unavailable(0, "Unavailable", f"{type(exc).__name__}: {exc}", what=what) from exc
+        decoded: Any = None
+        if raw:
+            try:
+                decoded = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                decoded = {"message": raw[:200].decode(errors="replace")}
+        if status >= 400:
+            raise error_from_status(
+                status, decoded if isinstance(decoded, dict) else None, what=what
+            )
+        return decoded
+
+    # --- object verbs -------------------------------------------------------------
+
+    async def get(
+        self, res: Resource, name: str, namespace: str | None = None, subresource: str | None = None
+    ) -> dict[str, Any]:
+        """GET one object."""
+        result: dict[str, Any] = await self.request(
+            "GET",
+            res.path(namespace, name, subresource),
+            what=f"get {res.kind} {_nn(namespace, name)}",
+        )
+        return result
+
+    async def list(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int = 500,
+    ) -> dict[str, Any]:
+        """LIST all objects (following `continue` pages); returns the merged list object."""
+        params: dict[str, str] = {"limit": str(limit)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        items: list[dict[str, Any]] = []
+        while True:
+            page: dict[str, Any] = await self.request(
+                "GET", res.path(namespace), params=params, what=f"list {res.plural}"
+            )
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                page["items"] = items
+                return page
+            params["continue"] = token
+
+    async def create(
+        self, res: Resource, obj: Mapping[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
+        """POST a new object."""
+        ns = namespace or (obj.get("metadata") or {}).get("namespace")
+        result: dict[str, Any] = await self.request(
+            "POST",
+            res.path(ns),
+            body=obj,
+            what=f"create {res.kind} {_nn(ns, (obj.get('metadata') or {}).get('name', ''))}",
+        )
+        return result
+
+    async def replace(
+        self, res: Resource, obj: Mapping[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]:
+        """PUT an object (optimistic concurrency via metadata.resourceVersion)."""
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name", "")
+        result: dict[str, Any] = await self.request(
+            "PUT",
+            res.path(ns, name, subresource),
+            body=obj,
+            what=f"update {res.kind} {_nn(ns, name)}",
+        )
+        return result
+
+    async def patch(
+        self,
+        res: Resource,
+        name: str,
+        patch: Any,
+        namespace: str | None = None,
+        *,
+        content_type: str = MERGE_PATCH,
+        subresource: str | None = None,
+        field_manager: str | None = None,
+    ) -> dict[str, Any]:
+        """PATCH an object (merge patch unless told otherwise)."""
+        params = {"fieldManager": field_manager} if field_manager else None
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            res.path(namespace, name, subresource),
+            params=params,
+            body=patch,
+            content_type=content_type,
+            what=f"patch {res.kind} {_nn(namespace, name)}",
+        )
+        return result
+
+    async def apply(
+        self,
+        res: Resource,
+        obj: Mapping[str, Any],
+        *,
+        field_manager: str,
+        force: bool = True,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        """Server-side apply `obj` under `field_manager`."""
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name", "")
+        params = {"fieldManager": field_manager, "force": "true" if force else "false"}
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            res.path(ns, name, subresource),
+            params=params,
+            body=obj,
+            content_type=APPLY_PATCH,
+            what=f"apply {res.kind} {_nn(ns, name)}",
+        )
+        return result
+
+    async def delete(
+        self,
+        res: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        uid: str | None = None,
+        resource_version: str | None = None,
+        missing_ok: bool = True,
+    ) -> dict[str, Any] | None:
+        """DELETE an object, optionally only if its UID / resourceVersion still match."""
+        body: dict[str, Any] | None = None
+        if uid or resource_version:
+            pre: dict[str, str] = {}
+            if uid:
+                pre["uid"] = uid
+            if resource_version:
+                pre["resourceVersion"] = resource_version
+            body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": pre}
+        try:
+            result: dict[str, Any] | None = await self.request(
+                "DELETE",
+                res.path(namespace, name),
+                body=body,
+                what=f"delete {res.kind} {_nn(namespace, name)}",
+            )
+            return result
+        except NotFound:
+            if missing_ok:
+                return None
+            raise
+
+    async def watch(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        *,
+        resource_version: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: int = 300,
+        allow_bookmarks: bool = True,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream watch events (`{"type", "object"}`) until the server ends the watch.
+
+        An ERROR event becomes the matching exception (410 -> Gone).
+        """
+        params = {"watch": "1", "timeoutSeconds": str(timeout_seconds)}
+        if allow_bookmarks:
+            params["allowWatchBookmarks"] = "true"
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        session = self._ensure_session()
+        path = res.path(namespace)
+        what = f"watch {res.plural}"
+        try:
+            async with session.get(
+                path,
+                params=params,
+                headers=self._headers(None),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    body = orjson.loads(raw) if raw.startswith(b"{") else None
+                    raise error_from_status(resp.status, body, what=what)
+                buf = b""
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    while (nl := buf.find(b"\n")) >= 0:
+                        line, buf = buf[:nl], buf[nl + 1 :]
+                        if line.strip():
+                            yield _watch_event(line, what)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Unavailable(0, "Unavailable", f"{type(exc).__name__}: {exc}", what=what) from exc
+
+    # --- discovery ------------------------------------------------------------------
+
+    async def served_versions(self, group: str) -> builtins.list[str]:
+        """The versions of an API group the server serves (empty when none)."""
+        try:
+            doc: dict[str, Any] = await self.request("GET", f"/apis/{quote(group)}")
+        except NotFound:
+            return []
+        return [str(v.get("version")) for v in doc.get("versions") or []]
+
+    async def resource_api_version(self) -> str:
+        """The best served `resource.k8s.io` version (cached after the first call)."""
+        if self._resource_version is None:
+            self._resource_version = pick_resource_version(
+                await self.served_versions(RESOURCE_GROUP)
+            )
+        return self._resource_version
+
+    async def check_access(self) -> None:
+        """Fail early with a clear message when the credentials are not accepted."""
+        try:
+            await self.request("GET", "/version")
+        except Unauthorized as exc:
+            raise ApiError(
+                401,
+                "Unauthorized",
+                f"{self.config.server} rejected our credentials from {self.config.source}: "
+                "check the kubeconfig or the service account token",
+            ) from exc
+
+
+def _nn(namespace: str | None, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+def _watch_event(line: bytes, what: str) -> dict[str, Any]:
+    try:
+        event: dict[str, Any] = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(
+            0, "BadWatchEvent", f"undecodable watch line: {line[:120]!r}", what=what
+        ) from exc
+    if event.get("type") == "ERROR":
+        status = event.get("object") or {}
+        code = int(status.get("code") or 500)
+        if code == 410:
+            raise Gone(
+                410, str(status.get("reason") or "Expired"), str(status.get("message")), what=what
+            )
+        raise error_from_status(code, status, what=what)
+    return event

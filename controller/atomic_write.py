@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one atomic file write helper: readers see the old file or the new one.
+
+Used for CDI specs and the plugin's state file. Every call blocks on fsync
+(milliseconds on a busy disk): async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically and durably.
+
+    Writes a temporary file in the same directory (so the rename stays on one
+    filesystem), fsyncs it, renames it over `path`, then fsyncs the directory
+    so the rename itself survives a crash. The temporary name starts with a
+    dot and ends in `.tmp`, so directory scanners that pick files by
+    extension (CDI reads `*.json` and `*.yaml`) never see a half-written file.
+    The directory must exist.
+    """
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        try:
+            # mkstemp creates 0600; set the mode explicitly, whatever the umask.
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    fsync_directory(directory)
+
+
+def remove_durably(path: Path) -> bool:
+    """Remove `path` and fsync its directory; False when it did not exist."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_directory(path.parent)
+    return True
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (creations, renames, removals) to disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

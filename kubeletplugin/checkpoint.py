@@ -1,0 +1,315 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The plugin's crash-safe state file: which claims are prepared on this node.
+
+Format (`checkpoint.json` in the plugin directory):
+
+    {"version": 1, "bootId": "...", "checksum": "<sha256 hex>",
+     "claims": {"<claim uid>": <PreparedClaim.to_dict()>, ...}}
+
+The checksum covers the canonical JSON (sorted keys, no whitespace) of the
+document without the `checksum` key, so it does not depend on how the file is
+laid out. A file that cannot be trusted is never fatal: it is moved aside and
+the claims are rebuilt from our CDI spec files, which carry each
+`PreparedClaim` in an annotation.
+
+All functions here block (fsync); async callers run them in a worker thread,
+once per batch of claims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import anyio
+import orjson
+
+from controller.atomic_write import atomic_write_bytes, fsync_directory
+from kubeletplugin.cdi import list_claim_specs, prepared_claim_from_spec
+from kubeletplugin.claims import PreparedClaim
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE_NAME = "checkpoint.json"
+LOCK_FILE_NAME = "checkpoint.lock"
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted (corrupt, foreign, or too new)."""
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_checkpoint` found: the claims, and notes for the operator."""
+
+    claims: dict[str, PreparedClaim]
+    problems: list[str]
+
+
+def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
+    """The kernel's boot ID, or "" when it cannot be read (then never compared)."""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        log.warning("cannot read boot ID from %s: %s", path, exc)
+        return ""
+
+
+def checkpoint_checksum(document: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of `document` minus its checksum."""
+    payload = {k: v for k, v in document.items() if k != "checksum"}
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def encode_checkpoint(claims: Mapping[str, PreparedClaim], boot_id: str) -> bytes:
+    """The bytes of a checkpoint file holding `claims` (keyed by claim UID)."""
+    for uid, claim in claims.items():
+        if uid != claim.uid:
+            raise ValueError(f"checkpoint key {uid} holds claim {claim.uid}")
+    document: dict[str, Any] = {
+        "version": CHECKPOINT_VERSION,
+        "bootId": boot_id,
+        "claims": {uid: claim.to_dict() for uid, claim in claims.items()},
+    }
+    document["checksum"] = checkpoint_checksum(document)
+    # Indented for whoever reads it on a node; the checksum ignores layout.
+    return orjson.dumps(
+        document, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+    )
+
+
+def decode_checkpoint(data: bytes) -> tuple[str, dict[str, PreparedClaim]]:
+    """Parse and verify checkpoint bytes; returns (boot ID, claims by UID).
+
+    Raises:
+        CheckpointError: not JSON, wrong checksum, unknown version, or
+            malformed claims.
+    """
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise CheckpointError("not a JSON object")
+    version = document.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"unknown version {version!r} (this plugin reads version {CHECKPOINT_VERSION})"
+        )
+    checksum = document.get("checksum")
+    if checksum != checkpoint_checksum(document):
+        raise CheckpointError("checksum mismatch: the file was damaged or edited")
+    boot_id = document.get("bootId")
+    raw_claims = document.get("claims")
+    if not isinstance(boot_id, str) or not isinstance(raw_claims, dict):
+        raise CheckpointError("bootId must be a string and claims an object")
+    claims: dict[str, PreparedClaim] = {}
+    for uid, raw in raw_claims.items():
+        try:
+            claim = PreparedClaim.from_dict(raw)
+        except ValueError as exc:
+            raise CheckpointError(f"claim {uid}: {exc}") from None
+        if claim.uid != uid:
+            raise CheckpointError(f"claim {uid}: entry holds claim {claim.uid}")
+        claims[uid] = claim
+    return boot_id, claims
+
+
+def save_checkpoint(path: Path, claims: Mapping[str, PreparedClaim], boot_id: str) -> None:
+    """Write the checkpoint atomically (one write for a whole batch). Blocking."""
+    atomic_write_bytes(path, encode_checkpoint(claims, boot_id), mode=0o600)
+
+
+def load_checkpoint(
+    path: Path, cdi_root: Path, *, boot_id_path: Path = BOOT_ID_PATH
+) -> LoadedCheckpoint:
+    """Read the checkpoint; never raises. Blocking.
+
+    - No file: no claims (a fresh node).
+    - A file that cannot be read or trusted: moved aside to
+      `<name>.corrupt-<UTC timestamp>`, logged as an error, and the claims
+      are rebuilt from our CDI spec files in `cdi_root` (specs without a
+      readable claim annotation are skipped and reported). Nothing is
+      written back: the next `save_checkpoint` records the recovered claims.
+    - Written in an earlier boot: the claims are kept, since the kubelet
+      prepares its pods' claims again after a reboot; noted as a problem.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return LoadedCheckpoint({}, [])
+    except OSError as exc:
+        return _recover(path, cdi_root, f"cannot read it: {exc}")
+    try:
+        saved_boot_id, claims = decode_checkpoint(data)
+    except (ValueError, TypeError) as exc:  # CheckpointError, and anything unforeseen
+        return _recover(path, cdi_root, str(exc))
+    current_boot_id = read_boot_id(boot_id_path)
+    if saved_boot_id and current_boot_id and saved_boot_id != current_boot_id:
+        note = (
+            f"checkpoint {path} was written before the node rebooted (boot {saved_boot_id}, "
+            f"now {current_boot_id}): keeping {len(claims)} claims; the kubelet prepares "
+            "them again and their CDI specs are re-created then"
+        )
+        log.warning("%s", note)
+        return LoadedCheckpoint(claims, [note])
+    return LoadedCheckpoint(claims, [])
+
+
+def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
+    """Move an untrusted checkpoint aside and rebuild the claims from CDI specs."""
+    problems: list[str] = []
+    try:
+        moved: str = str(_move_aside(path))
+    except OSError as exc:
+        moved = f"nowhere (moving it failed: {exc})"
+    claims: dict[str, PreparedClaim] = {}
+    try:
+        specs = list_claim_specs(cdi_root)
+    except OSError as exc:
+        specs = {}
+        problems.append(f"cannot list CDI specs in {cdi_root}: {exc}")
+    for uid, spec in sorted(specs.items()):
+        try:
+            claim = prepared_claim_from_spec(spec)
+            if claim.uid != uid:
+                raise ValueError(f"its annotation describes claim {claim.uid}")
+        except ValueError as exc:
+            problems.append(f"CDI spec of claim {uid} cannot be recovered: {exc}")
+            continue
+        claims[uid] = claim
+    message = (
+        f"checkpoint {path} is unusable ({reason}); moved to {moved}; rebuilt "
+        f"{len(claims)} claims from the CDI specs in {cdi_root}"
+    )
+    log.error("%s", message)
+    for problem in problems:
+        log.error("%s", problem)
+    return LoadedCheckpoint(claims, [message, *problems])
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    suffix = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{suffix}")
+        suffix += 1
+    os.rename(path, target)
+    fsync_directory(path.parent)
+    return target
+
+
+class StateLock:
+    """Exclusive lock on `<plugin dir>/checkpoint.lock` (`flock`).
+
+    During a rolling update two plugin instances run on one node for a
+    moment; holding this lock around each batch (prepare or unprepare, up to
+    and including the checkpoint write) keeps them from interleaving. Every
+    acquisition opens its own file descriptor, so the lock also excludes
+    other tasks and threads of the same process. Not re-entrant.
+
+    Use `async with lock:` on the event loop (polls without blocking it, and
+    a cancelled wait leaves nothing locked) or `with lock:` in a thread.
+    """
+
+    def __init__(
+        self, path: Path, *, poll_interval: float = 0.002, max_poll_interval: float = 0.05
+    ) -> None:
+        self.path = path
+        self._poll_interval = poll_interval
+        self._max_poll_interval = max_poll_interval
+        self._fd: int | None = None
+        self._guard = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free, without waiting."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        with self._guard:
+            self._fd = fd
+        return True
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Wait for the lock, blocking the calling thread.
+
+        Raises:
+            TimeoutError: not acquired within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self._poll_interval
+        while not self.try_acquire():
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{self.path} stayed locked for {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, self._max_poll_interval)
+
+    async def acquire_async(self) -> None:
+        """Wait for the lock without blocking the event loop.
+
+        Polls with a growing pause (2 ms to 50 ms by default) instead of
+        blocking a worker thread in `flock`: a thread stuck in `flock` cannot
+        be cancelled and would take the lock after its caller gave up. The
+        free lock, the usual case, costs one system call. Bound the wait
+        with `anyio.fail_after`.
+        """
+        delay = self._poll_interval
+        while not self.try_acquire():
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self._max_poll_interval)
+
+    def release(self) -> None:
+        """Release the lock (closing its descriptor releases the flock)."""
+        with self._guard:
+            fd, self._fd = self._fd, None
+        if fd is None:
+            raise RuntimeError(f"{self.path}: release of a lock that is not held")
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> StateLock:
+        await self.acquire_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -1,0 +1,292 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The DRA backend: prepare and unprepare claims for the kubelet.
+
+Per request: claims are fetched concurrently (bounded), decided by the pure
+functions of `claims`, then all CDI specs and ONE checkpoint write happen in a
+worker thread under the state lock. A claim's problem stays in that claim's
+answer. Transient API failures are retried inside the call (a failed prepare
+costs the pod a 60-90 s kubelet retry); permanent ones are answered at once.
+
+Crash safety: prepare writes specs before the checkpoint, unprepare removes
+the checkpoint entry before the spec; `reconcile_on_start` repairs whatever a
+crash between the two left behind (a spec without entry is removed, an entry
+without spec gets its spec back).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from controller.apiclient import ApiClient
+from controller.errors import ApiError, NotFound
+from controller.resources import resource_kinds
+
+from .cdi import (
+    claim_spec,
+    list_claim_specs,
+    remove_claim_spec,
+    spec_file_name,
+    write_claim_spec,
+)
+from .checkpoint import (
+    CHECKPOINT_FILE_NAME,
+    LOCK_FILE_NAME,
+    StateLock,
+    load_checkpoint,
+    read_boot_id,
+    save_checkpoint,
+)
+from .claims import (
+    ClaimError,
+    ClaimRef,
+    PreparedClaim,
+    build_prepared_claim,
+    check_claim,
+    validate_claim_uid,
+)
+from .grpc_service import ClaimPrepareResult, DeviceHealth, PreparedDeviceInfo
+
+log = logging.getLogger(__name__)
+
+# The kubelet gives a DRA call 45 s; answer before it gives up.
+PREPARE_DEADLINE = 40.0
+
+
+@dataclass(frozen=True)
+class DriverPaths:
+    """Where the backend keeps its files."""
+
+    plugin_dir: Path  # <kubelet plugins dir>/<driver>
+    cdi_root: Path
+    device_path: str = "/dev/crypto/nx-gzip"  # inside the container
+    host_device_path: str | None = None  # on the host, when it differs
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.plugin_dir / CHECKPOINT_FILE_NAME
+
+    @property
+    def lock(self) -> Path:
+        return self.plugin_dir / LOCK_FILE_NAME
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class NxDriver:
+    """Implements `grpc_service.DraBackend` for NX-gzip."""
+
+    def __init__(
+        self,
+        client: ApiClient,
+        *,
+        driver: str,
+        node_name: str,
+        paths: DriverPaths,
+        device_names: Callable[[], set[str]],
+        health: Callable[[], list[DeviceHealth]],
+        concurrency: int = 32,
+    ) -> None:
+        self.client = client
+        self.driver = driver
+        self.node_name = node_name
+        self.paths = paths
+        self._device_names = device_names
+        self._health = health
+        self._limit = anyio.Semaphore(concurrency)
+        self._lock = StateLock(paths.lock)
+        self.claims: dict[str, PreparedClaim] = {}
+        self.boot_id = read_boot_id()
+        self._written: tuple[int, int, int] | None = None
+        self._health_event = anyio.Event()
+        self.stats = {"prepared": 0, "unprepared": 0, "prepare_errors": 0}
+        self.on_latency: Callable[[str, float], None] | None = None
+
+    # --- start-up ----------------------------------------------------------------
+
+    def load_state(self) -> list[str]:
+        """Read the checkpoint and make specs and state agree. Blocking; returns problems."""
+        self.paths.plugin_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            loaded = load_checkpoint(self.paths.checkpoint, self.paths.cdi_root)
+            self.claims = dict(loaded.claims)
+            problems = list(loaded.problems)
+            problems += self._reconcile_files()
+            if problems:
+                save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
+            self._written = _file_signature(self.paths.checkpoint)
+        return problems
+
+    def _reconcile_files(self) -> list[str]:
+        notes: list[str] = []
+        on_disk = list_claim_specs(self.paths.cdi_root)
+        for uid in sorted(set(on_disk) - set(self.claims)):
+            remove_claim_spec(self.paths.cdi_root, uid)
+            notes.append(f"removed CDI spec of claim {uid}: not in the checkpoint (never answered)")
+        for uid, prepared in self.claims.items():
+            if uid not in on_disk:
+                write_claim_spec(self.paths.cdi_root, self._spec(prepared), uid)
+                notes.append(f"re-created CDI spec of prepared claim {prepared.ref}")
+        for note in notes:
+            log.warning("%s", note)
+        return notes
+
+    def _spec(self, prepared: PreparedClaim) -> dict[str, Any]:
+        return claim_spec(prepared, self.paths.device_path, self.paths.host_device_path)
+
+    def _refresh_from_disk(self) -> None:
+        # Another plugin instance (rolling update) may have written since our last write.
+        if _file_signature(self.paths.checkpoint) != self._written:
+            loaded = load_checkpoint(self.paths.checkpoint, self.paths.cdi_root)
+            self.claims = dict(loaded.claims)
+
+    # --- prepare -------------------------------------------------------------------
+
+    async def prepare_claims(self, claims: list[ClaimRef]) -> dict[str, ClaimPrepareResult]:
+        start = time.monotonic()
+        results: dict[str, ClaimPrepareResult] = {}
+        decided: dict[str, PreparedClaim] = {}
+
+        async def one(ref: ClaimRef) -> None:
+            async with self._limit:
+                try:
+                    validate_claim_uid(ref.uid)
+                    known = self.claims.get(ref.uid)
+                    decided[ref.uid] = known if known is not None else await self._decide(ref)
+                except ClaimError as exc:
+                    results[ref.uid] = ClaimPrepareResult(error=str(exc))
+                except ApiError as exc:
+                    results[ref.uid] = ClaimPrepareResult(
+                        error=f"claim {ref.namespace}/{ref.name}: {exc}"
+                    )
+
+        async with anyio.create_task_group() as tg:
+            for ref in claims:
+                tg.start_soon(one, ref)
+        if decided:
+            async with self._lock:
+                await anyio.to_thread.run_sync(self._commit_prepared, decided)
+        for uid, prepared in decided.items():
+            results[uid] = ClaimPrepareResult(
+                devices=[
+                    PreparedDeviceInfo(
+                        request_names=list(d.request_names),
+                        pool_name=d.pool_name,
+                        device_name=d.device_name,
+                        cdi_device_ids=list(d.cdi_device_ids),
+                    )
+                    for d in prepared.devices
+                ]
+            )
+        errors = sum(1 for r in results.values() if r.error)
+        self.stats["prepared"] += len(decided)
+        self.stats["prepare_errors"] += errors
+        if errors:
+            for uid, r in results.items():
+                if r.error:
+                    log.error("prepare failed", extra={"claimUID": uid, "error": r.error})
+        if self.on_latency is not None:
+            self.on_latency("prepare", time.monotonic() - start)
+        return results
+
+    def _commit_prepared(self, decided: dict[str, PreparedClaim]) -> None:
+        """Specs first, then one checkpoint write (worker thread, lock held)."""
+        self._refresh_from_disk()
+        changed = False
+        for uid, prepared in decided.items():
+            spec_missing = not (self.paths.cdi_root / spec_file_name(uid)).exists()
+            if self.claims.get(uid) != prepared or spec_missing:
+                write_claim_spec(self.paths.cdi_root, self._spec(prepared), uid)
+            if self.claims.get(uid) != prepared:
+                self.claims[uid] = prepared
+                changed = True
+        if changed:
+            save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
+            self._written = _file_signature(self.paths.checkpoint)
+
+    async def _decide(self, ref: ClaimRef) -> PreparedClaim:
+        claim = await self._get_claim(ref)
+        problem = check_claim(claim, ref)
+        if problem:
+            raise ClaimError(problem)
+        return build_prepared_claim(claim, self.driver, self.node_name, self._device_names())
+
+    async def _get_claim(self, ref: ClaimRef) -> dict[str, Any]:
+        client = self.client
+        res = resource_kinds(await client.resource_api_version())["ResourceClaim"]
+        deadline = time.monotonic() + PREPARE_DEADLINE
+        delay = 0.05
+        while True:
+            try:
+                return await client.get(res, ref.name, ref.namespace)
+            except NotFound as exc:
+                raise ClaimError(
+                    f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
+                    "it was deleted before its pod started"
+                ) from exc
+            except ApiError as exc:
+                if not exc.retryable or time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "reading claim failed, retrying",
+                    extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc)},
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # --- unprepare -----------------------------------------------------------------
+
+    async def unprepare_claims(self, claims: list[ClaimRef]) -> dict[str, str]:
+        start = time.monotonic()
+        results: dict[str, str] = {}
+        uids: list[str] = []
+        for ref in claims:
+            try:
+                validate_claim_uid(ref.uid)
+            except ClaimError as exc:
+                results[ref.uid] = str(exc)
+                continue
+            uids.append(ref.uid)
+            results[ref.uid] = ""
+        if uids:
+            async with self._lock:
+                await anyio.to_thread.run_sync(self._commit_unprepared, uids)
+        self.stats["unprepared"] += len(uids)
+        if self.on_latency is not None:
+            self.on_latency("unprepare", time.monotonic() - start)
+        return results
+
+    def _commit_unprepared(self, uids: list[str]) -> None:
+        """Checkpoint entry first, then the spec (worker thread, lock held)."""
+        self._refresh_from_disk()
+        removed = [uid for uid in uids if self.claims.pop(uid, None) is not None]
+        if removed:
+            save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
+            self._written = _file_signature(self.paths.checkpoint)
+        for uid in uids:
+            remove_claim_spec(self.paths.cdi_root, uid)
+
+    # --- health --------------------------------------------------------------------
+
+    def device_health(self) -> list[DeviceHealth]:
+        return self._health()
+
+    def health_changed(self) -> anyio.Event:
+        return self._health_event
+
+    def notify_health_changed(self) -> None:
+        """Wake health streams (the inventory changed)."""
+        self._health_event.set()
+        self._health_event = anyio.Event()

@@ -1,0 +1,213 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`power-dra-kubeletplugin`: the node plugin.
+
+    power-dra-kubeletplugin [run] --node-name N ...   # serve the kubelet, publish slices
+    power-dra-kubeletplugin inspect --sysfs-root R    # print inventory + slices as JSON
+
+Start order is chosen for pod-start latency: the gRPC sockets answer before
+the API connection is up (prepare waits for it), discovery is a few file reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from controller.flags import add_common_flags, add_flag, parse_duration
+from controller.logs import setup_logging
+from controller.slices import API_VERSIONS, build_pool_slices
+
+from .devices import DeviceOptions, build_devices
+from .discovery import Inventory, discover
+
+log = logging.getLogger("kubeletplugin")
+
+DRIVER_NAME = "nx.device.power.ibm.com"
+DRIVER_VERSION = "0.1.0"
+DEVICE_PATH = "/dev/crypto/nx-gzip"
+
+
+def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser, "--sysfs-root", "SYSFS_ROOT", "/sys", "sysfs to discover NX-gzip in", type=Path
+    )
+    add_flag(
+        parser,
+        "--host-dev-root",
+        "HOST_DEV_ROOT",
+        "/",
+        "root under which the host's /dev/crypto/nx-gzip is checked",
+        type=Path,
+    )
+    add_flag(
+        parser,
+        "--device-mode",
+        "DEVICE_MODE",
+        "shared",
+        "shared: one device many pods share by credits (falls back to slots when the API "
+        "server lacks consumable capacity); slots: one exclusive device per credit",
+        choices=["shared", "slots"],
+    )
+    add_flag(
+        parser,
+        "--reserved-credits",
+        "RESERVED_CREDITS",
+        1,
+        "credits kept back from scheduling (libnxz keeps one spare)",
+        type=int,
+    )
+    add_flag(parser, "--max-slots", "MAX_SLOTS", 16, "most devices in slot mode", type=int)
+    add_flag(
+        parser,
+        "--fallback-credits",
+        "FALLBACK_CREDITS",
+        20,
+        "credits assumed where sysfs has no credit files (PowerNV)",
+        type=int,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (flags fall back to environment variables)."""
+    parser = argparse.ArgumentParser(
+        prog="power-dra-kubeletplugin",
+        description="Kubernetes DRA kubelet plugin for the IBM Power NX-gzip accelerator "
+        f"(driver {DRIVER_NAME}).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="serve the kubelet and publish the node's slices (default)")
+    inspect = sub.add_parser("inspect", help="print what the plugin sees and would publish")
+    for p in (parser, run):
+        _add_run_flags(p)
+    _add_discovery_flags(inspect)
+    add_flag(inspect, "--node-name", "NODE_NAME", "this-node", "node (and pool) name")
+    add_flag(
+        inspect,
+        "--api-version",
+        None,
+        "v1",
+        "resource.k8s.io version of the printed slices",
+        choices=list(API_VERSIONS),
+    )
+    return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        "--node-name",
+        "NODE_NAME",
+        None,
+        "this node's name (downward API spec.nodeName); required",
+    )
+    add_flag(
+        parser,
+        "--pod-uid",
+        "POD_UID",
+        "",
+        "this pod's UID (downward API metadata.uid); socket names carry it so the old and "
+        "new pod of a rolling update serve side by side",
+    )
+    add_common_flags(parser)
+    _add_discovery_flags(parser)
+    add_flag(
+        parser,
+        "--kubelet-registrar-directory-path",
+        "KUBELET_REGISTRAR_DIRECTORY_PATH",
+        "/var/lib/kubelet/plugins_registry",
+        "the kubelet's plugin registration directory",
+        type=Path,
+    )
+    add_flag(
+        parser,
+        "--kubelet-plugins-directory-path",
+        "KUBELET_PLUGINS_DIRECTORY_PATH",
+        "/var/lib/kubelet/plugins",
+        "the kubelet's plugin data directory (our socket and checkpoint go in <it>/<driver>)",
+        type=Path,
+    )
+    add_flag(parser, "--cdi-root", "CDI_ROOT", "/var/run/cdi", "where CDI specs go", type=Path)
+    add_flag(
+        parser,
+        "--rediscovery-interval",
+        "REDISCOVERY_INTERVAL",
+        "30s",
+        "how often sysfs is read again (also on SIGHUP)",
+        type=parse_duration,
+    )
+    add_flag(
+        parser,
+        "--metrics-bind-address",
+        "METRICS_BIND_ADDRESS",
+        ":8081",
+        "address of /healthz, /readyz and /metrics; 0 disables",
+    )
+
+
+def device_options(args: argparse.Namespace) -> DeviceOptions:
+    """DeviceOptions from flags (ValueError with the flag's meaning on bad values)."""
+    return DeviceOptions(
+        driver_version=DRIVER_VERSION,
+        mode=args.device_mode,
+        reserved_credits=args.reserved_credits,
+        max_slots=args.max_slots,
+        fallback_credits=args.fallback_credits,
+    )
+
+
+def discover_node(args: argparse.Namespace) -> Inventory:
+    """Read sysfs and the device node as the flags say."""
+    device_node = Path(str(args.host_dev_root).rstrip("/") + DEVICE_PATH)
+    inventory = discover(args.sysfs_root, device_node)
+    for warning in inventory.warnings:
+        log.warning("%s", warning)
+    if inventory.platform is None:
+        log.info(
+            "no NX-gzip found: publishing an empty pool",
+            extra={"sysfsRoot": str(args.sysfs_root), "deviceNode": str(device_node)},
+        )
+    return inventory
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Print the inventory and the slices the plugin would publish, as JSON."""
+    inventory = discover_node(args)
+    devices = build_devices(inventory, device_options(args))
+    slices = build_pool_slices(
+        DRIVER_NAME, args.node_name, None, devices, generation=1, api_version=args.api_version
+    )
+    doc: dict[str, Any] = {"inventory": asdict(inventory), "resourceSlices": slices}
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    setup_logging(getattr(args, "verbosity", 0))
+    try:
+        if command == "inspect":
+            sys.exit(inspect(args))
+        if not args.node_name:
+            raise SystemExit("power-dra-kubeletplugin: --node-name (or NODE_NAME) is required")
+        from .plugin import run_plugin  # the serving half: imported only to serve
+
+        anyio.run(run_plugin, args)
+    except ValueError as exc:
+        log.error("invalid configuration: %s", exc)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+# Signals the serving half reacts to (kept here so `inspect` stays import-light).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

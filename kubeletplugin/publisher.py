@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Publishes this node's pool of NX-gzip devices as ResourceSlices.
+
+Level-triggered: one reconcile compares the slices we want with the slices
+the watch shows and converges. A deleted or edited slice (the kubelet deletes
+its node's slices when it starts) is restored as soon as the watch reports
+it; a restart adopts the slices already there instead of re-creating them,
+so the scheduler never sees the pool vanish.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import anyio
+
+from controller.apiclient import ApiClient
+from controller.errors import AlreadyExists, NotFound
+from controller.informer import Informer
+from controller.resources import NODES, resource_kinds
+from controller.slices import (
+    Device,
+    build_pool_slices,
+    server_dropped_multi_allocation,
+    slice_needs_update,
+)
+from controller.workqueue import WorkQueue
+
+from .devices import DeviceOptions, build_devices
+from .discovery import Inventory
+
+log = logging.getLogger(__name__)
+
+POOL_KEY = "pool"
+
+
+def _generation(obj: dict[str, Any]) -> int:
+    return int(((obj.get("spec") or {}).get("pool") or {}).get("generation") or 0)
+
+
+class SlicePublisher:
+    """Keeps the node's ResourceSlices equal to what discovery found."""
+
+    def __init__(
+        self,
+        client: ApiClient,
+        *,
+        driver: str,
+        node_name: str,
+        options: DeviceOptions,
+        inventory: Inventory,
+        on_mode_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.driver = driver
+        self.node_name = node_name
+        self.options = options
+        self.inventory = inventory
+        self.generation = 1
+        self.node_uid: str | None = None
+        self.api_version = "v1"
+        self.informer: Informer | None = None
+        self.queue = WorkQueue("slices", base_delay=0.05, max_delay=30.0)
+        self.published = anyio.Event()
+        self.reconciles = 0
+        self._on_mode_change = on_mode_change
+
+    @property
+    def devices(self) -> list[Device]:
+        """The devices of the current inventory in the current mode."""
+        return build_devices(self.inventory, self.options)
+
+    def update_inventory(self, inventory: Inventory) -> bool:
+        """Take a rediscovered inventory; True (and a reconcile queued) when it changed."""
+        if inventory == self.inventory:
+            return False
+        old_devices = self.devices
+        self.inventory = inventory
+        if self.devices != old_devices:
+            log.info(
+                "NX-gzip inventory changed, republishing",
+                extra={"node": self.node_name, "devices": [d.name for d in self.devices]},
+            )
+        self.queue.add(POOL_KEY)
+        return True
+
+    async def _node_uid(self) -> str:
+        delay = 0.2
+        while True:
+            try:
+                node = await self.client.get(NODES, self.node_name)
+                return str(node["metadata"]["uid"])
+            except NotFound:
+                log.warning(
+                    "Node object not found yet; slices need it as owner (is --node-name right?)",
+                    extra={"node": self.node_name},
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _ours(self) -> dict[str, dict[str, Any]]:
+        assert self.informer is not None
+        return {
+            obj["metadata"]["name"]: obj
+            for obj in self.informer.items()
+            if (obj.get("spec") or {}).get("driver") == self.driver
+            and (obj.get("spec") or {}).get("nodeName") == self.node_name
+        }
+
+    def _desired(self) -> list[dict[str, Any]]:
+        return build_pool_slices(
+            self.driver,
+            self.node_name,
+            self.node_uid,
+            self.devices,
+            generation=self.generation,
+            api_version=self.api_version,
+        )
+
+    async def reconcile(self) -> None:
+        """Converge the node's slices; raises to be retried by the queue."""
+        self.reconciles += 1
+        slices = resource_kinds(self.api_version)["ResourceSlice"]
+        actual = self._ours()
+        actual_gen = max((_generation(o) for o in actual.values()), default=0)
+        self.generation = max(self.generation, actual_gen)
+        desired = self._desired()
+        desired_names = {d["metadata"]["name"] for d in desired}
+        changed = [
+            d
+            for d in desired
+            if d["metadata"]["name"] in actual
+            and slice_needs_update(d, actual[d["metadata"]["name"]])
+        ]
+        extra = [o for n, o in actual.items() if n not in desired_names]
+        missing = [d for d in desired if d["metadata"]["name"] not in actual]
+        if not (changed or extra or missing):
+            self.published.set()
+            return
+        if changed or extra:
+            # Content changes: a new generation tells the scheduler which slices are current.
+            self.generation = max(self.generation, actual_gen) + 1
+            desired = self._desired()
+        for want in desired:
+            name = want["metadata"]["name"]
+            have = actual.get(name)
+            if have is not None and not slice_needs_update(want, have):
+                continue
+            result = await self._write(slices, want, have)
+            if self.options.mode == "shared" and server_dropped_multi_allocation(want, result):
+                self._fall_back_to_slots()
+                self.queue.add(POOL_KEY)
+                return
+        for obj in extra:
+            log.info("deleting slice no longer desired", extra={"slice": obj["metadata"]["name"]})
+            await self.client.delete(
+                slices, obj["metadata"]["name"], uid=obj["metadata"].get("uid")
+            )
+        log.info(
+            "published node slices",
+            extra={
+                "node": self.node_name,
+                "generation": self.generation,
+                "slices": len(desired),
+                "devices": [d.name for d in self.devices],
+                "mode": self.options.mode,
+                "apiVersion": self.api_version,
+            },
+        )
+        self.published.set()
+
+    async def _write(
+        self, slices: Any, want: dict[str, Any], have: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        if have is None:
+            try:
+                return await self.client.create(slices, want)
+            except AlreadyExists:
+                have = await self.client.get(slices, want["metadata"]["name"])
+        body = dict(want)
+        body["metadata"] = {
+            **want["metadata"],
+            "resourceVersion": have["metadata"]["resourceVersion"],
+        }
+        # Keep labels and owners others added; ours are merged over them.
+        meta = have.get("metadata") or {}
+        body["metadata"]["labels"] = {**(meta.get("labels") or {}), **want["metadata"]["labels"]}
+        return await self.client.replace(slices, body)
+
+    def _fall_back_to_slots(self) -> None:
+        log.warning(
+            "the API server dropped allowMultipleAllocations from our slice (consumable "
+            "capacity is off: Kubernetes < 1.36 or DRAConsumableCapacity disabled); "
+            "falling back to slot mode: one exclusive device per credit",
+            extra={"node": self.node_name, "maxSlots": self.options.max_slots},
+        )
+        self.options = replace(self.options, mode="slots")
+        if self._on_mode_change is not None:
+            self._on_mode_change("slots")
+
+    def _on_slice_change(self, key: str, old: Any, new: Any) -> None:
+        self.queue.add(POOL_KEY)
+
+    async def run(self, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Publish and keep publishing until cancelled."""
+        self.api_version = await self.client.resource_api_version()
+        self.node_uid = await self._node_uid()
+        slices = resource_kinds(self.api_version)["ResourceSlice"]
+        self.informer = Informer(
+            self.client,
+            slices,
+            field_selector=f"spec.nodeName={self.node_name},spec.driver={self.driver}",
+        )
+        self.informer.add_handler(self._on_slice_change)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.informer.run)
+            await self.informer.synced.wait()
+            self.queue.add(POOL_KEY)
+
+            async def reconcile(_key: str) -> None:
+                await self.reconcile()
+
+            tg.start_soon(self.queue.run_workers, reconcile, 1)
+            task_status.started()
