@@ -480,6 +480,8 @@ class ControlPlane:
     def create_namespace(self, name: str, timeout: float = 30.0) -> None:
         """Create a namespace and wait for its `default` ServiceAccount (pods need it)."""
         self.kubectl("create", "namespace", name)
+        if not self.with_controller_manager:
+            return  # nobody creates ServiceAccounts without the controller-manager
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0:

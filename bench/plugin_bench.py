@@ -1,0 +1,290 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plugin benchmark: prepare/unprepare latency through an independent gRPC
+client (grpcio), start-up times, memory, against the real kube-apiserver.
+
+    python -m bench.plugin_bench [--cycles 300] [--batches 20] [--soak 10000]
+
+Claims are created and given an allocation by the bench itself (as the
+scheduler would), so the figures are the plugin's own: GET claim, decide,
+CDI spec + checkpoint write, answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from controller.apiclient import ApiClient
+from controller.atomic_write import atomic_write_bytes
+from controller.kubeconfig import load_cluster_config
+from controller.resources import resource_kinds
+from tests import grpc_stubs
+from tests.harness.cluster import ControlPlane
+from tests.harness.plugin import DRIVER, PluginProcess
+
+NODE = "bench-node"
+NS = "bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) in milliseconds of values in seconds."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k] * 1000
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def claim_obj(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"devices": {"requests": [{"name": "nx", "exactly": {"deviceClassName": DRIVER}}]}},
+    }
+
+
+async def make_claims(api: ApiClient, count: int) -> list[tuple[str, str]]:
+    """Create `count` claims allocated to the bench node's nx-gzip; return (name, uid)."""
+    res = resource_kinds("v1")["ResourceClaim"]
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int) -> tuple[str, str]:
+        async with sem:
+            created = await api.create(res, claim_obj(f"c{i}"))
+            created["status"] = {
+                "allocation": {
+                    "devices": {
+                        "results": [
+                            {"request": "nx", "driver": DRIVER, "pool": NODE, "device": "nx-gzip"}
+                        ]
+                    }
+                }
+            }
+            await api.replace(res, created, subresource="status")
+            return created["metadata"]["name"], created["metadata"]["uid"]
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def measure_floor(api_cfg_path: str, claim: str, rounds: int = 200) -> dict[str, float]:
+    """One GET of a claim over a kept-alive connection, and one atomic fsync'd write."""
+
+    async def gets() -> list[float]:
+        cfg = await load_cluster_config(api_cfg_path)
+        async with ApiClient(cfg, qps=0) as api:
+            res = resource_kinds("v1")["ResourceClaim"]
+            await api.get(res, claim, NS)
+            out = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                await api.get(res, claim, NS)
+                out.append(time.perf_counter() - t)
+            return out
+
+    get_times = asyncio.run(gets())
+    writes = []
+    with tempfile.TemporaryDirectory(dir=RESULTS) as d:
+        payload = os.urandom(4096)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            atomic_write_bytes(Path(d) / "state.json", payload)
+            writes.append(time.perf_counter() - t)
+    return {
+        "get_claim_p50_ms": pct(get_times, 50),
+        "get_claim_p99_ms": pct(get_times, 99),
+        "atomic_write_p50_ms": pct(writes, 50),
+        "atomic_write_p99_ms": pct(writes, 99),
+    }
+
+
+class Client:
+    """The kubelet's side of the DRA v1 service, on grpcio."""
+
+    def __init__(self, plugin: PluginProcess) -> None:
+        self.apis = grpc_stubs.load()
+        self.channel = grpc.insecure_channel(f"unix:{plugin.dra_socket}")
+        self.pb2 = self.apis.dra_v1.pb2
+        self.stub = self.apis.dra_v1.grpc.DRAPluginStub(self.channel)
+
+    def _claims(self, claims: list[tuple[str, str]]) -> list[Any]:
+        return [self.pb2.Claim(namespace=NS, name=n, uid=u) for n, u in claims]
+
+    def prepare(self, claims: list[tuple[str, str]]) -> float:
+        t = time.perf_counter()
+        resp = self.stub.NodePrepareResources(
+            self.pb2.NodePrepareResourcesRequest(claims=self._claims(claims)), timeout=45
+        )
+        elapsed = time.perf_counter() - t
+        for uid, r in resp.claims.items():
+            if r.error or not r.devices:
+                raise RuntimeError(f"prepare of {uid} failed: {r.error!r}")
+        return elapsed
+
+    def unprepare(self, claims: list[tuple[str, str]]) -> float:
+        t = time.perf_counter()
+        resp = self.stub.NodeUnprepareResources(
+            self.pb2.NodeUnprepareResourcesRequest(claims=self._claims(claims)), timeout=45
+        )
+        elapsed = time.perf_counter() - t
+        for uid, r in resp.claims.items():
+            if r.error:
+                raise RuntimeError(f"unprepare of {uid} failed: {r.error!r}")
+        return elapsed
+
+
+def time_startup(cp: ControlPlane, workdir: Path) -> tuple[float, float, PluginProcess]:
+    """Seconds from process start to GetInfo answering, and to the slice being visible."""
+    apis = grpc_stubs.load()
+    plugin = PluginProcess(cp, NODE, workdir, total_credits=2000, extra_args=("-v0",))
+    t0 = time.perf_counter()
+    plugin.start(wait=False)
+    getinfo = slice_seen = 0.0
+    channel = None
+    while not (getinfo and slice_seen):
+        now = time.perf_counter() - t0
+        if now > 30:
+            raise RuntimeError(f"plugin start timed out:\n{plugin.log()}")
+        if not getinfo and plugin.registration_socket.exists():
+            channel = channel or grpc.insecure_channel(f"unix:{plugin.registration_socket}")
+            stub = apis.registration.grpc.RegistrationStub(channel)
+            try:
+                stub.GetInfo(apis.registration.pb2.InfoRequest(), timeout=1)
+                getinfo = time.perf_counter() - t0
+            except grpc.RpcError:
+                pass
+        if not slice_seen:
+            out = cp.kubectl(
+                "get", "resourceslices", f"--field-selector=spec.nodeName={NODE}", "-o", "name"
+            ).stdout
+            if out.strip():
+                slice_seen = time.perf_counter() - t0
+        time.sleep(0.005)
+    if channel is not None:
+        channel.close()
+    return getinfo, slice_seen, plugin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cycles", type=int, default=300)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--soak", type=int, default=10000, help="prepare/unprepare cycles for RSS growth"
+    )
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="power-dra-bench-"))
+    cp = ControlPlane(work / "cp", scheduler=False, controller_manager=False).start()
+    plugin: PluginProcess | None = None
+    try:
+        cp.create_node(NODE)
+        cp.create_namespace(NS)
+        # Start-up is measured before anything else loads the machine.
+        getinfo_s, slice_s, plugin = time_startup(cp, work / "node")
+        time.sleep(2)
+        rss_idle = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
+
+        async def setup() -> list[tuple[str, str]]:
+            cfg = await load_cluster_config(cp.kubeconfig)
+            async with ApiClient(cfg, qps=0) as api:
+                return await make_claims(api, args.cycles + args.batches * args.batch_size)
+
+        claims = asyncio.run(setup())
+        singles, batch_claims = claims[: args.cycles], claims[args.cycles :]
+        client = Client(plugin)
+        for c in singles[:10]:  # warm-up
+            client.prepare([c])
+            client.unprepare([c])
+        prep, unprep = [], []
+        for c in singles:
+            prep.append(client.prepare([c]))
+            unprep.append(client.unprepare([c]))
+        batch = []
+        for i in range(args.batches):
+            group = batch_claims[i * args.batch_size : (i + 1) * args.batch_size]
+            batch.append(client.prepare(group))
+            client.unprepare(group)
+        rss_before_soak = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
+        for i in range(args.soak):
+            c = singles[i % len(singles)]
+            client.prepare([c])
+            client.unprepare([c])
+        rss_after = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
+        floor = measure_floor(cp.kubeconfig, singles[0][0])
+    finally:
+        if plugin is not None:
+            plugin.stop()
+        cp.stop()
+    result = {
+        "prepare_1_p50_ms": pct(prep, 50),
+        "prepare_1_p90_ms": pct(prep, 90),
+        "prepare_1_p99_ms": pct(prep, 99),
+        "unprepare_1_p50_ms": pct(unprep, 50),
+        "unprepare_1_p99_ms": pct(unprep, 99),
+        f"prepare_{args.batch_size}_p50_ms": pct(batch, 50),
+        f"prepare_{args.batch_size}_p99_ms": pct(batch, 99),
+        "start_to_getinfo_s": getinfo_s,
+        "start_to_slice_s": slice_s,
+        "rss_idle_mib": rss_idle,
+        "rss_after_load_mib": rss_before_soak,
+        f"rss_after_{args.soak}_cycles_mib": rss_after,
+        "rss_growth_mib": rss_after - rss_before_soak,
+        **floor,
+        "cycles": args.cycles,
+        "batches": args.batches,
+        "mean_prepare_ms": statistics.mean(prep) * 1000,
+    }
+    targets = [
+        ("prepare 1 claim p99", result["prepare_1_p99_ms"], 9.0, "ms"),
+        ("unprepare 1 claim p99", result["unprepare_1_p99_ms"], 4.5, "ms"),
+        (
+            f"prepare {args.batch_size} claims p99",
+            result[f"prepare_{args.batch_size}_p99_ms"],
+            40.0,
+            "ms",
+        ),
+        ("start -> GetInfo", result["start_to_getinfo_s"], 0.5, "s"),
+        ("start -> slice visible", result["start_to_slice_s"], 1.0, "s"),
+        ("RSS idle", result["rss_idle_mib"], 60.0, "MiB"),
+        (f"RSS growth over {args.soak} cycles", result["rss_growth_mib"], 5.0, "MiB"),
+    ]
+    floor_ms = floor["get_claim_p50_ms"] + floor["atomic_write_p50_ms"]
+    print(f"\n{'figure':36} {'value':>10} {'target':>10}  met  x floor")
+    for name, value, target, unit in targets:
+        ratio = f"{value / floor_ms:6.1f}" if unit == "ms" else "     -"
+        print(
+            f"{name:36} {value:8.2f}{unit:>2} {target:8.1f}{unit:>2}  {'yes' if value <= target else 'NO ':3}  {ratio}"
+        )
+    print(
+        f"\nprepare 1 claim p50/p90/p99: {result['prepare_1_p50_ms']:.2f} / "
+        f"{result['prepare_1_p90_ms']:.2f} / {result['prepare_1_p99_ms']:.2f} ms; "
+        f"unprepare p50/p99: {result['unprepare_1_p50_ms']:.2f} / {result['unprepare_1_p99_ms']:.2f} ms"
+    )
+    print(
+        f"floor: GET claim p50 {floor['get_claim_p50_ms']:.2f} ms (p99 {floor['get_claim_p99_ms']:.2f}), "
+        f"atomic write+fsync p50 {floor['atomic_write_p50_ms']:.2f} ms (p99 {floor['atomic_write_p99_ms']:.2f})"
+    )
+    out = RESULTS / "plugin.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
