@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from controller.apiclient import ApiClient
 from controller.errors import ApiError, NotFound
 from controller.resources import resource_kinds
 
@@ -52,6 +51,9 @@ from .claims import (
     validate_claim_uid,
 )
 from .grpc_service import ClaimPrepareResult, DeviceHealth, PreparedDeviceInfo
+
+if TYPE_CHECKING:  # importing the HTTP stack is deferred until the sockets are up
+    from controller.apiclient import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class NxDriver:
 
     def __init__(
         self,
-        client: ApiClient,
+        client: ApiClient | None,
         *,
         driver: str,
         node_name: str,
@@ -99,7 +101,10 @@ class NxDriver:
         health: Callable[[], list[DeviceHealth]],
         concurrency: int = 32,
     ) -> None:
-        self.client = client
+        self._client = client
+        self._client_ready = anyio.Event()
+        if client is not None:
+            self._client_ready.set()
         self.driver = driver
         self.node_name = node_name
         self.paths = paths
@@ -115,6 +120,11 @@ class NxDriver:
         self.on_latency: Callable[[str, float], None] | None = None
 
     # --- start-up ----------------------------------------------------------------
+
+    def set_client(self, client: ApiClient) -> None:
+        """Hand over the API client once it exists (the sockets come up before it)."""
+        self._client = client
+        self._client_ready.set()
 
     def load_state(self) -> list[str]:
         """Read the checkpoint and make specs and state agree. Blocking; returns problems."""
@@ -224,7 +234,11 @@ class NxDriver:
         return build_prepared_claim(claim, self.driver, self.node_name, self._device_names())
 
     async def _get_claim(self, ref: ClaimRef) -> dict[str, Any]:
-        client = self.client
+        if self._client is None:
+            with anyio.fail_after(PREPARE_DEADLINE):
+                await self._client_ready.wait()
+        client = self._client
+        assert client is not None
         res = resource_kinds(await client.resource_api_version())["ResourceClaim"]
         deadline = time.monotonic() + PREPARE_DEADLINE
         delay = 0.05

@@ -205,6 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         sys.exit(2)
+    except Exception as exc:
+        # Configuration and API errors already say what to fix; no traceback for them.
+        from controller.errors import ApiError
+        from controller.kubeconfig import ConfigError
+
+        if not isinstance(exc, ConfigError | ApiError):
+            raise
+        log.error("cannot run: %s", exc)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 

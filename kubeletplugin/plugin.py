@@ -9,25 +9,48 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from controller.apiclient import ApiClient
 from controller.http_server import serve_http
-from controller.kubeconfig import load_cluster_config
 from controller.metrics import Registry
+from controller.slices import Device
 
+from .devices import build_devices
+from .discovery import Inventory
 from .driver import DriverPaths, NxDriver
 from .grpc_service import DeviceHealth, PluginServers, SocketPaths
 from .main import DEVICE_PATH, DRIVER_NAME, device_options, discover_node
-from .publisher import SlicePublisher
+
+if TYPE_CHECKING:
+    from .publisher import SlicePublisher
 
 log = logging.getLogger("kubeletplugin")
 
 
-def device_health(publisher: SlicePublisher) -> list[DeviceHealth]:
+class NodeView:
+    """What the node offers now: the publisher's view once it runs, discovery's before."""
+
+    def __init__(self, node_name: str, inventory: Inventory, args: argparse.Namespace) -> None:
+        self.node_name = node_name
+        self._inventory = inventory
+        self._options = device_options(args)
+        self.publisher: SlicePublisher | None = None
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.publisher.inventory if self.publisher else self._inventory
+
+    def devices(self) -> list[Device]:
+        if self.publisher is not None:
+            return self.publisher.devices
+        return build_devices(self._inventory, self._options)
+
+
+def device_health(view: NodeView) -> list[DeviceHealth]:
     """Health of every published device, from the latest inventory."""
-    inv = publisher.inventory
+    inv = view.inventory
     problem = ""
     if not inv.device_node_present:
         problem = f"device node {DEVICE_PATH} is missing"
@@ -40,22 +63,60 @@ def device_health(publisher: SlicePublisher) -> list[DeviceHealth]:
     ):
         problem = f"all {inv.credits.total} NX-gzip credits are in use"
     return [
-        DeviceHealth(publisher.node_name, d.name, healthy=not problem, message=problem)
-        for d in publisher.devices
+        DeviceHealth(view.node_name, d.name, healthy=not problem, message=problem)
+        for d in view.devices()
     ]
 
 
 async def run_plugin(args: argparse.Namespace) -> None:
-    """Run until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT.
+
+    The kubelet's sockets come up first (a few file reads after start); the
+    HTTP stack and the API connection follow while the kubelet registers us.
+    """
     started = time.monotonic()
-    inventory = discover_node(args)
-    options = device_options(args)
+    view = NodeView(args.node_name, discover_node(args), args)
     plugin_dir = Path(args.kubelet_plugins_directory_path) / DRIVER_NAME
     # --host-dev-root is where this container sees the host's /dev; the CDI spec is
     # read by the container runtime on the host, so it names the host path itself.
     paths = DriverPaths(
         plugin_dir=plugin_dir, cdi_root=Path(args.cdi_root), device_path=DEVICE_PATH
     )
+    driver = NxDriver(
+        None,
+        driver=DRIVER_NAME,
+        node_name=args.node_name,
+        paths=paths,
+        device_names=lambda: {d.name for d in view.devices()},
+        health=lambda: device_health(view),
+    )
+    for problem in await anyio.to_thread.run_sync(driver.load_state):
+        log.warning("state repaired at start: %s", problem)
+    sockets = SocketPaths.for_driver(
+        DRIVER_NAME,
+        registry_dir=Path(args.kubelet_registrar_directory_path),
+        plugin_data_dir=plugin_dir,
+        pod_uid=args.pod_uid,
+    )
+    async with PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets):
+        log.info(
+            "serving the kubelet",
+            extra={
+                "registrationSocket": str(sockets.registration),
+                "draSocket": str(sockets.dra),
+                "startupSeconds": round(time.monotonic() - started, 3),
+            },
+        )
+        await _serve_cluster_side(args, view, driver)
+    log.info("stopped")
+
+
+async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: NxDriver) -> None:
+    from controller.apiclient import ApiClient
+    from controller.kubeconfig import load_cluster_config
+
+    from .publisher import SlicePublisher
+
     config = await load_cluster_config(args.kubeconfig)
     client = ApiClient(
         config,
@@ -67,40 +128,15 @@ async def run_plugin(args: argparse.Namespace) -> None:
         client,
         driver=DRIVER_NAME,
         node_name=args.node_name,
-        options=options,
-        inventory=inventory,
+        options=device_options(args),
+        inventory=view.inventory,
     )
-    driver = NxDriver(
-        client,
-        driver=DRIVER_NAME,
-        node_name=args.node_name,
-        paths=paths,
-        device_names=lambda: {d.name for d in publisher.devices},
-        health=lambda: device_health(publisher),
-    )
+    view.publisher = publisher
+    driver.set_client(client)
     registry = Registry()
     _register_metrics(registry, driver, publisher)
-    for problem in await anyio.to_thread.run_sync(driver.load_state):
-        log.warning("state repaired at start: %s", problem)
-    sockets = SocketPaths.for_driver(
-        DRIVER_NAME,
-        registry_dir=Path(args.kubelet_registrar_directory_path),
-        plugin_data_dir=plugin_dir,
-        pod_uid=args.pod_uid,
-    )
     try:
-        async with (
-            PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets),
-            anyio.create_task_group() as tg,
-        ):
-            log.info(
-                "serving the kubelet",
-                extra={
-                    "registrationSocket": str(sockets.registration),
-                    "draSocket": str(sockets.dra),
-                    "startupSeconds": round(time.monotonic() - started, 3),
-                },
-            )
+        async with anyio.create_task_group() as tg:
             tg.start_soon(_handle_signals, tg.cancel_scope, args, publisher, driver)
             await tg.start(
                 serve_http,
@@ -113,7 +149,6 @@ async def run_plugin(args: argparse.Namespace) -> None:
             tg.start_soon(_rediscover_forever, args, publisher, driver)
     finally:
         await client.close()
-        log.info("stopped")
 
 
 def _rediscover(args: argparse.Namespace, publisher: SlicePublisher, driver: NxDriver) -> None:

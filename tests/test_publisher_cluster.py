@@ -1,0 +1,640 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The plugin's ResourceSlice publishing against a real control plane.
+
+Every test runs `power-dra-kubeletplugin` as a real process for a fake Power
+node (fake sysfs, fake /dev) and checks what the real kube-apiserver holds and
+what the real kube-scheduler allocates from it. Control planes other than the
+session's one (other resource.k8s.io versions, consumable capacity off) are
+started once per module and stopped after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+
+from controller.apiclient import ApiClient
+from controller.errors import NotFound
+from controller.resources import resource_kinds
+from tests.fake_sysfs import VAS_GZIP_DIR, make_empty_tree, write_sysfs_file
+from tests.harness.cluster import ControlPlane
+from tests.harness.plugin import PluginProcess
+
+pytestmark = pytest.mark.cluster
+
+DRIVER = "nx.device.power.ibm.com"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+TOTAL_CREDITS_FILE = f"{VAS_GZIP_DIR}/default_capabilities/nr_total_credits"
+WAIT = 30.0  # generous: two cores shared with other test runs
+RESTORE_BOUND = 2.0  # a watch event, not the 30 s rediscovery timer
+ONLY_V1BETA1 = "resource.k8s.io/v1beta1=true,resource.k8s.io/v1=false,resource.k8s.io/v1beta2=false"
+ONLY_V1BETA2 = "resource.k8s.io/v1beta2=true,resource.k8s.io/v1=false,resource.k8s.io/v1beta1=false"
+
+T = TypeVar("T")
+
+
+# --- control planes -----------------------------------------------------------------
+
+
+class ControlPlaneWithoutResourceV1(ControlPlane):
+    """A control plane whose kube-apiserver does not serve resource.k8s.io/v1.
+
+    kube-apiserver 1.36.3 accepts `resource.k8s.io/v1=false` and serves the
+    older versions, but its own ResourceSlice informer lists v1, so the
+    `informer-sync` readiness check never passes. Readiness is therefore
+    waited for without that one check. No scheduler or controller-manager:
+    both list resource.k8s.io/v1 and these tests need neither.
+    """
+
+    def __init__(self, workdir: Path, runtime_config: str) -> None:
+        super().__init__(
+            workdir, runtime_config=runtime_config, scheduler=False, controller_manager=False
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(
+            f"{self.server}/readyz?exclude=informer-sync",
+            headers={"Authorization": f"Bearer {self.tokens['admin']}"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.processes["kube-apiserver"]
+            if not proc.alive():
+                raise RuntimeError(f"kube-apiserver exited:\n{proc.tail()}")
+            try:
+                with urllib.request.urlopen(request, context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"kube-apiserver not ready after {timeout}s")
+
+
+def _started(cp: ControlPlane) -> Iterator[ControlPlane]:
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def v1beta1_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """kube-apiserver serving resource.k8s.io/v1beta1 only (as OpenShift 4.19 does)."""
+    workdir = tmp_path_factory.mktemp("cp-v1beta1")
+    yield from _started(ControlPlaneWithoutResourceV1(workdir, ONLY_V1BETA1))
+
+
+@pytest.fixture(scope="module")
+def v1beta2_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """kube-apiserver serving resource.k8s.io/v1beta2 only (as Kubernetes 1.33 does)."""
+    workdir = tmp_path_factory.mktemp("cp-v1beta2")
+    yield from _started(ControlPlaneWithoutResourceV1(workdir, ONLY_V1BETA2))
+
+
+@pytest.fixture(scope="module")
+def plane_without_consumable_capacity(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ControlPlane]:
+    """A full control plane with DRAConsumableCapacity off (apiserver and scheduler)."""
+    workdir = tmp_path_factory.mktemp("cp-no-consumable-capacity")
+    yield from _started(ControlPlane(workdir, feature_gates="DRAConsumableCapacity=false"))
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _wait(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+    """Poll `probe` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        time.sleep(0.05)
+
+
+def _suffix() -> str:
+    return str(os.getpid() % 1000)
+
+
+def _start_plugin(
+    cp: ControlPlane, node: str, workdir: Path, **kwargs: Any
+) -> PluginProcess:
+    cp.create_node(node)
+    return PluginProcess(cp, node, workdir / node, **kwargs).start()
+
+
+def _ready(plugin: PluginProcess) -> bool:
+    """Whether the plugin's /readyz says its slices are published."""
+    try:
+        url = f"http://127.0.0.1:{plugin.metrics_port}/readyz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_published(plugin: PluginProcess) -> None:
+    plugin.wait_for(lambda: _ready(plugin), WAIT, "published slices (/readyz)")
+
+
+def _the_slice(plugin: PluginProcess) -> dict[str, Any]:
+    """The one ResourceSlice of the plugin's node, once it exists."""
+    (only,) = plugin.wait_for_slices(timeout=WAIT)
+    return only
+
+
+def _credits(slice_obj: dict[str, Any]) -> str:
+    return str(slice_obj["spec"]["devices"][0]["capacity"]["credits"]["value"])
+
+
+def _generation(slice_obj: dict[str, Any]) -> int:
+    return int(slice_obj["spec"]["pool"]["generation"])
+
+
+def _log_records(plugin: PluginProcess) -> list[dict[str, Any]]:
+    records = []
+    for line in plugin.log().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _device_class(cp: ControlPlane) -> Iterator[None]:
+    """The driver's DeviceClass, created unless it exists; deleted only if created here."""
+    existed = cp.kubectl("get", "deviceclass", DRIVER, check=False).returncode == 0
+    if not existed:
+        cp.apply(
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "DeviceClass",
+                "metadata": {"name": DRIVER},
+                "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{DRIVER}'"}}]},
+            }
+        )
+    yield
+    if not existed:
+        cp.kubectl("delete", "deviceclass", DRIVER, "--wait=false", check=False)
+
+
+def _claim_template(ns: str, name: str, credits: str | None = None) -> dict[str, Any]:
+    exactly: dict[str, Any] = {"deviceClassName": DRIVER}
+    if credits is not None:
+        exactly["capacity"] = {"requests": {"credits": credits}}
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"spec": {"devices": {"requests": [{"name": "nx", "exactly": exactly}]}}},
+    }
+
+
+def _pod(ns: str, name: str, node: str, template: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [
+                {"name": "c", "image": "busybox", "resources": {"claims": [{"name": "nx"}]}}
+            ],
+            "resourceClaims": [{"name": "nx", "resourceClaimTemplateName": template}],
+        },
+    }
+
+
+def _get(cp: ControlPlane, *args: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(cp.kubectl("get", *args, "-o", "json").stdout)
+    return out
+
+
+def _pod_claim(cp: ControlPlane, ns: str, pod: str) -> dict[str, Any] | None:
+    """The ResourceClaim generated for `pod`, or None while there is none yet."""
+    statuses = _get(cp, "pod", pod, "-n", ns).get("status", {}).get("resourceClaimStatuses")
+    name = (statuses or [{}])[0].get("resourceClaimName")
+    return _get(cp, "resourceclaim", name, "-n", ns) if name else None
+
+
+def _allocated_results(cp: ControlPlane, ns: str, pod: str) -> list[dict[str, Any]]:
+    """The allocation results of the pod's claim, waiting until it is allocated."""
+
+    def allocation() -> list[dict[str, Any]] | None:
+        claim = _pod_claim(cp, ns, pod)
+        alloc = (claim or {}).get("status", {}).get("allocation")
+        return alloc["devices"]["results"] if alloc else None
+
+    return _wait(allocation, f"allocated claim for pod {ns}/{pod}")
+
+
+# --- API versions -----------------------------------------------------------------------
+
+
+def _published_api_version(plugin: PluginProcess) -> str:
+    def version() -> str | None:
+        for record in _log_records(plugin):
+            if record.get("msg", record.get("message")) == "published node slices":
+                return str(record["apiVersion"])
+        return None
+
+    return _wait(version, "'published node slices' log line")
+
+
+def test_plugin_publishes_in_resource_v1_when_the_server_serves_it(
+    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    plugin = _start_plugin(control_plane, unique_name, tmp_path)
+    try:
+        published = _the_slice(plugin)
+        assert _published_api_version(plugin) == "v1"
+        assert published["apiVersion"] == "resource.k8s.io/v1"
+        assert published["spec"]["devices"][0]["allowMultipleAllocations"] is True
+    finally:
+        plugin.stop()
+
+
+def test_plugin_publishes_in_v1beta1_with_device_fields_under_basic_when_only_v1beta1_is_served(
+    v1beta1_plane: ControlPlane, tmp_path: Path
+) -> None:
+    plugin = _start_plugin(v1beta1_plane, f"v1beta1-node-{_suffix()}", tmp_path, total_credits=4)
+    try:
+        published = _the_slice(plugin)
+        assert _published_api_version(plugin) == "v1beta1"
+        assert published["apiVersion"] == "resource.k8s.io/v1beta1"
+        (device,) = published["spec"]["devices"]
+        assert device["name"] == "nx-gzip"
+        assert device["basic"]["capacity"]["credits"]["value"] == "3"
+        assert device["basic"]["allowMultipleAllocations"] is True
+        assert device["basic"]["attributes"]["platform"] == {"string": "powervm"}
+        assert "capacity" not in device
+    finally:
+        plugin.stop()
+
+
+def test_plugin_publishes_in_v1beta2_when_only_v1beta2_is_served(
+    v1beta2_plane: ControlPlane, tmp_path: Path
+) -> None:
+    plugin = _start_plugin(v1beta2_plane, f"v1beta2-node-{_suffix()}", tmp_path, total_credits=4)
+    try:
+        published = _the_slice(plugin)
+        assert _published_api_version(plugin) == "v1beta2"
+        assert published["apiVersion"] == "resource.k8s.io/v1beta2"
+        (device,) = published["spec"]["devices"]
+        assert (device["name"], _credits(published)) == ("nx-gzip", "3")
+        assert device["allowMultipleAllocations"] is True
+        assert "basic" not in device
+    finally:
+        plugin.stop()
+
+
+# --- the real scheduler, shared mode -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_node(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A node with 4 credits (3 schedulable) and three pods with one claim each.
+
+    Yields (namespace, node); the pods are `p0`, `p1`, `p2`.
+    """
+    node = ns = f"shared-node-{_suffix()}"
+    plugin = _start_plugin(
+        control_plane, node, tmp_path_factory.mktemp("shared"), total_credits=4
+    )
+    classes = _device_class(control_plane)
+    next(classes)
+    try:
+        _the_slice(plugin)
+        control_plane.create_namespace(ns)
+        control_plane.apply(
+            [
+                _claim_template(ns, "one-credit"),
+                *(_pod(ns, f"p{i}", node, "one-credit") for i in range(3)),
+            ]
+        )
+        yield ns, node
+    finally:
+        plugin.stop()
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        next(classes, None)
+
+
+def test_scheduler_gives_three_pods_the_one_shared_device_one_credit_each(
+    control_plane: ControlPlane, shared_node: tuple[str, str]
+) -> None:
+    ns, node = shared_node
+    allocations = [_allocated_results(control_plane, ns, f"p{i}") for i in range(3)]
+    for results in allocations:
+        ((result),) = results
+        assert (result["driver"], result["pool"], result["device"]) == (DRIVER, node, "nx-gzip")
+        assert result["consumedCapacity"] == {"credits": "1"}
+    share_ids = {results[0].get("shareID") for results in allocations}
+    assert len(share_ids) == 3, f"each allocation is its own share of the device: {share_ids}"
+
+
+def test_a_claim_for_more_credits_than_remain_leaves_its_pod_unschedulable(
+    control_plane: ControlPlane, shared_node: tuple[str, str]
+) -> None:
+    ns, node = shared_node
+    for i in range(3):
+        _allocated_results(control_plane, ns, f"p{i}")
+    control_plane.apply([_claim_template(ns, "two-credits", "2"), _pod(ns, "p3", node, "two-credits")])
+
+    def unschedulable() -> dict[str, Any] | None:
+        pod = _get(control_plane, "pod", "p3", "-n", ns)
+        for cond in pod.get("status", {}).get("conditions", []):
+            if cond["type"] == "PodScheduled" and cond["status"] == "False":
+                return {"pod": pod, "condition": cond}
+        return None
+
+    seen = _wait(unschedulable, "PodScheduled=False on pod p3")
+    condition = seen["condition"]
+    assert condition["reason"] == "Unschedulable"
+    assert "claim" in condition["message"], condition["message"]
+    assert not seen["pod"]["spec"].get("nodeName")
+    claim = _pod_claim(control_plane, ns, "p3")
+    assert claim is not None
+    assert not claim.get("status", {}).get("allocation")
+
+
+# --- slot mode ---------------------------------------------------------------------------
+
+
+def test_slot_mode_gives_each_pod_its_own_device(
+    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    node = ns = unique_name
+    plugin = _start_plugin(control_plane, node, tmp_path, total_credits=4, device_mode="slots")
+    classes = _device_class(control_plane)
+    next(classes)
+    try:
+        published = _the_slice(plugin)
+        assert [d["name"] for d in published["spec"]["devices"]] == [
+            "nx-gzip-0",
+            "nx-gzip-1",
+            "nx-gzip-2",
+        ]
+        control_plane.create_namespace(ns)
+        control_plane.apply(
+            [_claim_template(ns, "slot"), *(_pod(ns, f"p{i}", node, "slot") for i in range(3))]
+        )
+        devices = []
+        for i in range(3):
+            ((result),) = _allocated_results(control_plane, ns, f"p{i}")
+            assert (result["driver"], result["pool"]) == (DRIVER, node)
+            devices.append(result["device"])
+        assert sorted(devices) == ["nx-gzip-0", "nx-gzip-1", "nx-gzip-2"]
+    finally:
+        plugin.stop()
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        next(classes, None)
+
+
+# --- level-triggered publishing ---------------------------------------------------------
+
+
+async def _restored_after(
+    api: ApiClient, name: str, change: Callable[[], Any], restored: Callable[[dict[str, Any]], bool]
+) -> float:
+    """Seconds from `change()` returning until the slice `name` satisfies `restored`."""
+    slices = resource_kinds("v1")["ResourceSlice"]
+    await change()
+    started = time.monotonic()
+    with anyio.fail_after(WAIT):
+        while True:
+            try:
+                if restored(await api.get(slices, name)):
+                    return time.monotonic() - started
+            except NotFound:
+                pass
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_a_deleted_slice_is_restored_by_the_watch_within_two_seconds(
+    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    # Rediscovery once an hour: only the watch can bring the slice back in time.
+    plugin = _start_plugin(
+        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+    )
+    try:
+        before = _the_slice(plugin)
+        name, uid = before["metadata"]["name"], before["metadata"]["uid"]
+        slices = resource_kinds("v1")["ResourceSlice"]
+
+        async def delete() -> None:
+            await api.delete(slices, name)
+
+        seconds = await _restored_after(
+            api, name, delete, lambda obj: obj["metadata"]["uid"] != uid
+        )
+        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
+        assert _credits(plugin.slices()[0]) == _credits(before)
+    finally:
+        plugin.stop()
+
+
+@pytest.mark.anyio
+async def test_an_edited_device_in_our_slice_is_restored(
+    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    plugin = _start_plugin(
+        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+    )
+    try:
+        before = _the_slice(plugin)
+        name = before["metadata"]["name"]
+        slices = resource_kinds("v1")["ResourceSlice"]
+
+        async def edit() -> None:
+            obj = await api.get(slices, name)
+            obj["spec"]["devices"][0]["capacity"]["credits"]["value"] = "1000"
+            await api.replace(slices, obj)
+
+        seconds = await _restored_after(
+            api, name, edit, lambda obj: _credits(obj) == _credits(before)
+        )
+        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
+        after = plugin.slices()[0]
+        assert after["spec"]["devices"] == before["spec"]["devices"]
+        assert _generation(after) > _generation(before)
+    finally:
+        plugin.stop()
+
+
+@pytest.mark.anyio
+async def test_our_label_removed_from_our_slice_is_restored(
+    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    plugin = _start_plugin(
+        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+    )
+    try:
+        before = _the_slice(plugin)
+        name = before["metadata"]["name"]
+        assert before["metadata"]["labels"][MANAGED_BY] == "power-dra-driver"
+        slices = resource_kinds("v1")["ResourceSlice"]
+
+        async def edit() -> None:
+            await api.patch(
+                slices,
+                name,
+                {"metadata": {"labels": {MANAGED_BY: None, "team": "someone-else"}}},
+            )
+
+        seconds = await _restored_after(
+            api,
+            name,
+            edit,
+            lambda obj: obj["metadata"].get("labels", {}).get(MANAGED_BY) == "power-dra-driver",
+        )
+        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
+        # Labels others added stay.
+        assert plugin.slices()[0]["metadata"]["labels"]["team"] == "someone-else"
+    finally:
+        plugin.stop()
+
+
+def test_a_credit_change_seen_on_sighup_is_published_with_a_higher_generation(
+    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    plugin = _start_plugin(
+        control_plane,
+        unique_name,
+        tmp_path,
+        total_credits=8,
+        extra_args=("--rediscovery-interval=1h",),
+    )
+    try:
+        before = _the_slice(plugin)
+        assert _credits(before) == "7"
+        write_sysfs_file(plugin.sysfs_root, TOTAL_CREDITS_FILE, 12)
+        plugin.reload()
+        after = _wait(
+            lambda: next((s for s in plugin.slices() if _credits(s) == "11"), None),
+            "slice with 11 credits",
+        )
+        assert _generation(after) > _generation(before)
+        assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    finally:
+        plugin.stop()
+
+
+def test_a_restarted_plugin_adopts_its_slice_without_rewriting_it(
+    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    plugin = _start_plugin(control_plane, unique_name, tmp_path)
+    try:
+        _wait_published(plugin)
+        before = _the_slice(plugin)
+        plugin.stop()
+        plugin.start()
+        _wait_published(plugin)
+        after = _the_slice(plugin)
+
+        def identity(obj: dict[str, Any]) -> tuple[str, int, str]:
+            meta = obj["metadata"]
+            return meta["uid"], _generation(obj), meta["resourceVersion"]
+
+        assert identity(after) == identity(before)
+    finally:
+        plugin.stop()
+
+
+# --- consumable capacity off: slot fallback ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fallen_back(
+    plane_without_consumable_capacity: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PluginProcess]:
+    """A plugin in (default) shared mode on a server without consumable capacity."""
+    cp = plane_without_consumable_capacity
+    plugin = _start_plugin(
+        cp, f"fallback-node-{_suffix()}", tmp_path_factory.mktemp("fallback"), total_credits=4
+    )
+    try:
+        yield plugin
+    finally:
+        plugin.stop()
+
+
+def test_without_consumable_capacity_the_plugin_falls_back_to_slot_devices(
+    fallen_back: PluginProcess,
+) -> None:
+    assert fallen_back.device_mode == "shared"
+
+    def slot_slice() -> dict[str, Any] | None:
+        for obj in fallen_back.slices():
+            if [d["name"] for d in obj["spec"]["devices"]] == [
+                "nx-gzip-0",
+                "nx-gzip-1",
+                "nx-gzip-2",
+            ]:
+                return obj
+        return None
+
+    published = _wait(slot_slice, "slot devices nx-gzip-0..2")
+    assert all("allowMultipleAllocations" not in d for d in published["spec"]["devices"])
+    assert any("falling back to slot mode" in str(r.get("msg", r.get("message"))) for r in _log_records(fallen_back)), fallen_back.log()
+
+
+def test_without_consumable_capacity_a_claim_is_allocated_a_slot_device(
+    plane_without_consumable_capacity: ControlPlane, fallen_back: PluginProcess
+) -> None:
+    cp = plane_without_consumable_capacity
+    node = ns = fallen_back.node_name
+    classes = _device_class(cp)
+    next(classes)
+    try:
+        cp.create_namespace(ns)
+        cp.apply([_claim_template(ns, "nx"), _pod(ns, "p", node, "nx")])
+        ((result),) = _allocated_results(cp, ns, "p")
+        assert (result["driver"], result["pool"]) == (DRIVER, node)
+        assert result["device"] in {"nx-gzip-0", "nx-gzip-1", "nx-gzip-2"}
+        assert "consumedCapacity" not in result
+    finally:
+        next(classes, None)
+
+
+# --- no NX-gzip ------------------------------------------------------------------------
+
+
+def test_a_node_without_nx_gzip_gets_an_empty_pool_and_the_plugin_keeps_running(
+    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+) -> None:
+    control_plane.create_node(unique_name)
+    plugin = PluginProcess(control_plane, unique_name, tmp_path / unique_name, make_tree=False)
+    make_empty_tree(plugin.sysfs_root)
+    plugin.start()
+    try:
+        _wait_published(plugin)
+        published = _the_slice(plugin)
+        assert published["spec"].get("devices", []) == []
+        assert published["spec"]["pool"]["name"] == unique_name
+        messages = [str(r.get("msg", r.get("message"))) for r in _log_records(plugin)]
+        assert "no NX-gzip found: publishing an empty pool" in messages
+        assert plugin.process is not None and plugin.process.alive()
+    finally:
+        plugin.stop()
