@@ -17,7 +17,7 @@ def main() -> None:
         if not (root / (module.replace(".", "/") + ".py")).exists():
             continue
         print(f"\n===== {module} =====", flush=True)
-        if subprocess.run([sys.executable, "-m", module, *sys.argv[1:]], cwd=root).returncode:
+        if subprocess.run([sys.executable, "-m", module], cwd=root).returncode:
             failed.append(module)
     if failed:
         sys.exit(f"benchmarks failed: {', '.join(failed)}")

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace `path` with `data` atomically and durably.
 
     Writes a temporary file in the same directory (so the rename stays on one
@@ -21,7 +21,9 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     so the rename itself survives a crash. The temporary name starts with a
     dot and ends in `.tmp`, so directory scanners that pick files by
     extension (CDI reads `*.json` and `*.yaml`) never see a half-written file.
-    The directory must exist.
+    The directory must exist. `durable=False` keeps the atomic rename but
+    skips both fsyncs: for files on tmpfs, or that are rebuilt after a power
+    loss anyway.
     """
     directory = path.parent
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -33,7 +35,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp_name, path)
@@ -41,16 +44,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    fsync_directory(directory)
+    if durable:
+        fsync_directory(directory)
 
 
-def remove_durably(path: Path) -> bool:
+def remove_durably(path: Path, *, durable: bool = True) -> bool:
     """Remove `path` and fsync its directory; False when it did not exist."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
     return True
 
 

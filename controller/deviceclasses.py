@@ -46,14 +46,13 @@ from .config import ConfigFileError, check_keys, covers, load_yaml_file
 from .informer import Informer
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
+from .slices import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 DRIVER = "nx.device.power.ibm.com"
 FIELD_MANAGER = "power-dra-driver"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY_VALUE = "power-dra-driver"
 CLASS_LABELS: Mapping[str, str] = {
     "app.kubernetes.io/name": "power-dra-driver",
     MANAGED_BY_LABEL: MANAGED_BY_VALUE,

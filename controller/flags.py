@@ -83,8 +83,10 @@ def add_bool_flag(
     )
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags both processes share: API connection, rate limits, verbosity, metrics."""
+def add_common_flags(
+    parser: argparse.ArgumentParser, *, qps: float = 50.0, burst: int = 100
+) -> None:
+    """Flags both processes share: API connection, rate limits (defaults per process), verbosity."""
     add_flag(
         parser, "--kubeconfig", "KUBECONFIG", None, "kubeconfig file; in-cluster config when unset"
     )
@@ -92,7 +94,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--kube-api-qps",
         "KUBE_API_QPS",
-        50.0,
+        qps,
         "client-side API request rate (0 disables the limit)",
         type=float,
     )
@@ -100,7 +102,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--kube-api-burst",
         "KUBE_API_BURST",
-        100,
+        burst,
         "client-side API burst: requests allowed at once before the rate applies",
         type=int,
     )

@@ -300,7 +300,12 @@ class ReconcileMetrics:
         self.duration.observe(seconds, controller=controller)
 
     def for_controller(self, controller: str) -> Callable[[str, BaseException | None, float], None]:
-        """An `on_result(key, error, seconds)` callback for one controller's queue."""
+        """An `on_result(key, error, seconds)` callback for one controller's queue.
+
+        Also makes the controller's counters appear (at 0) before its first reconcile.
+        """
+        self.total.inc(0, controller=controller)
+        self.errors.inc(0, controller=controller)
 
         def on_result(_key: str, error: BaseException | None, seconds: float) -> None:
             self.observe(controller, error, seconds)

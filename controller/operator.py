@@ -44,6 +44,7 @@ from .apiclient import ApiClient
 from .config import ConfigFileError, check_keys, covers, load_yaml_file
 from .informer import Informer
 from .resources import DAEMONSETS
+from .slices import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ SELECTOR_LABELS: Mapping[str, str] = {
 }
 DAEMONSET_LABELS: Mapping[str, str] = {
     **SELECTOR_LABELS,
-    "app.kubernetes.io/managed-by": "power-dra-driver",
+    MANAGED_BY_LABEL: MANAGED_BY_VALUE,
 }
 OURS_SELECTOR = ",".join(f"{k}={v}" for k, v in DAEMONSET_LABELS.items())
 HEALTH_PORT = 8081

@@ -146,17 +146,20 @@ def write_claim_spec(cdi_root: Path, spec: Mapping[str, Any], uid: str) -> Path:
     """
     path = cdi_root / spec_file_name(uid)
     data = spec_bytes(spec)
+    # Atomic (the runtime never reads half a spec) but not fsync'd: the CDI root is
+    # a tmpfs that a power loss empties anyway, the checkpoint (which is fsync'd) is
+    # the record, and the plugin re-creates missing or unreadable specs at start.
     try:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, durable=False)
     except FileNotFoundError:
         cdi_root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, durable=False)
     return path
 
 
 def remove_claim_spec(cdi_root: Path, uid: str) -> bool:
     """Remove a claim's spec; False when there was none. Blocking."""
-    return remove_durably(cdi_root / spec_file_name(uid))
+    return remove_durably(cdi_root / spec_file_name(uid), durable=False)
 
 
 def list_claim_specs(cdi_root: Path) -> dict[str, dict[str, Any]]:

@@ -116,7 +116,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "this pod's UID (downward API metadata.uid); socket names carry it so the old and "
         "new pod of a rolling update serve side by side",
     )
-    add_common_flags(parser)
+    # A node's pod starts come in bursts the kubelet already paces: let 1000 claim
+    # reads through at once, and cap a runaway loop at 100 requests/s.
+    add_common_flags(parser, qps=100.0, burst=1000)
     _add_discovery_flags(parser)
     add_flag(
         parser,

@@ -211,3 +211,17 @@ async def test_configured_classes_are_applied_and_repaired_and_stale_ones_delete
 
 async def _is_none(value: Any) -> bool:
     return await value is None
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_class_applied_in_v1beta1_reads_back_the_same_in_v1(
+    api: ApiClient, unique_name: str
+) -> None:
+    nx = {"opaque": {"driver": DRIVER, "parameters": {**NX, "verbose": 1}}}
+    desired = DesiredClass(unique_name, config=(nx,))
+    beta = resource_kinds("v1beta1")["DeviceClass"]
+    await api.apply(beta, device_class_object(desired, "v1beta1"), field_manager="power-dra-driver")
+    stored = await api.get(resource_kinds("v1")["DeviceClass"], unique_name)
+    assert class_is_current(stored, device_class_object(desired, "v1"))
+    await api.delete(beta, unique_name)

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from controller.apiclient import ApiClient
-from controller.config import ConfigFileError
+from controller.config import ConfigFileError, covers
 from controller.errors import NotFound
 from controller.operator import (
     PluginDaemonSetConfig,
@@ -230,6 +230,10 @@ async def test_the_plugin_daemonset_is_applied_repaired_and_strays_deleted(
             return await _get(api, "old-plugin", ns) is None
 
         await wait_for(stray_gone)
+        # What the server stores (with its defaults) still covers what we apply:
+        # no apply on every status change of the DaemonSet.
+        stored = await _get(api, name, ns)
+        assert covers(stored, {k: desired[k] for k in ("metadata", "spec")})
         # Drift: another writer changes the image; ours comes back.
         control_plane.kubectl("set", "image", f"daemonset/{name}", "plugin=evil:latest", "-n", ns)
         await wait_for(image_is_ours)

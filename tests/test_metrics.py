@@ -110,6 +110,7 @@ def test_reconcile_metrics_count_runs_errors_and_latency() -> None:
     reg = Registry()
     m = ReconcileMetrics(reg, "p")
     on_result = m.for_controller("claims")
+    assert 'p_reconcile_errors_total{controller="claims"} 0\n' in reg.render()
     on_result("ns/a", None, 0.002)
     on_result("ns/a", RuntimeError("boom"), 0.5)
     assert m.total.value(controller="claims") == 2

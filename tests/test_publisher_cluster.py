@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,15 +131,30 @@ def _wait(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
         time.sleep(0.05)
 
 
+@contextmanager
+def _short_dir(prefix: str) -> Iterator[Path]:
+    # pytest's tmp_path is too long for the plugin's unix sockets (107 bytes at most).
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory for one plugin with a path short enough for its sockets."""
+    with _short_dir("nx-pub") as path:
+        yield path
+
+
 def _suffix() -> str:
     return str(os.getpid() % 1000)
 
 
-def _start_plugin(
-    cp: ControlPlane, node: str, workdir: Path, **kwargs: Any
-) -> PluginProcess:
+def _start_plugin(cp: ControlPlane, node: str, workdir: Path, **kwargs: Any) -> PluginProcess:
     cp.create_node(node)
-    return PluginProcess(cp, node, workdir / node, **kwargs).start()
+    return PluginProcess(cp, node, workdir, **kwargs).start()
 
 
 def _ready(plugin: PluginProcess) -> bool:
@@ -168,6 +186,7 @@ def _generation(slice_obj: dict[str, Any]) -> int:
 
 
 def _log_records(plugin: PluginProcess) -> list[dict[str, Any]]:
+    """The plugin's JSON log lines."""
     records = []
     for line in plugin.log().splitlines():
         try:
@@ -179,6 +198,11 @@ def _log_records(plugin: PluginProcess) -> list[dict[str, Any]]:
     return records
 
 
+def _log_messages(plugin: PluginProcess) -> list[str]:
+    return [str(r.get("msg")) for r in _log_records(plugin)]
+
+
+@contextmanager
 def _device_class(cp: ControlPlane) -> Iterator[None]:
     """The driver's DeviceClass, created unless it exists; deleted only if created here."""
     existed = cp.kubectl("get", "deviceclass", DRIVER, check=False).returncode == 0
@@ -191,9 +215,11 @@ def _device_class(cp: ControlPlane) -> Iterator[None]:
                 "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{DRIVER}'"}}]},
             }
         )
-    yield
-    if not existed:
-        cp.kubectl("delete", "deviceclass", DRIVER, "--wait=false", check=False)
+    try:
+        yield
+    finally:
+        if not existed:
+            cp.kubectl("delete", "deviceclass", DRIVER, "--wait=false", check=False)
 
 
 def _claim_template(ns: str, name: str, credits: str | None = None) -> dict[str, Any]:
@@ -252,7 +278,7 @@ def _allocated_results(cp: ControlPlane, ns: str, pod: str) -> list[dict[str, An
 def _published_api_version(plugin: PluginProcess) -> str:
     def version() -> str | None:
         for record in _log_records(plugin):
-            if record.get("msg", record.get("message")) == "published node slices":
+            if record.get("msg") == "published node slices":
                 return str(record["apiVersion"])
         return None
 
@@ -260,9 +286,9 @@ def _published_api_version(plugin: PluginProcess) -> str:
 
 
 def test_plugin_publishes_in_resource_v1_when_the_server_serves_it(
-    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
-    plugin = _start_plugin(control_plane, unique_name, tmp_path)
+    plugin = _start_plugin(control_plane, unique_name, workdir)
     try:
         published = _the_slice(plugin)
         assert _published_api_version(plugin) == "v1"
@@ -273,9 +299,9 @@ def test_plugin_publishes_in_resource_v1_when_the_server_serves_it(
 
 
 def test_plugin_publishes_in_v1beta1_with_device_fields_under_basic_when_only_v1beta1_is_served(
-    v1beta1_plane: ControlPlane, tmp_path: Path
+    v1beta1_plane: ControlPlane, workdir: Path
 ) -> None:
-    plugin = _start_plugin(v1beta1_plane, f"v1beta1-node-{_suffix()}", tmp_path, total_credits=4)
+    plugin = _start_plugin(v1beta1_plane, f"v1beta1-node-{_suffix()}", workdir, total_credits=4)
     try:
         published = _the_slice(plugin)
         assert _published_api_version(plugin) == "v1beta1"
@@ -291,9 +317,9 @@ def test_plugin_publishes_in_v1beta1_with_device_fields_under_basic_when_only_v1
 
 
 def test_plugin_publishes_in_v1beta2_when_only_v1beta2_is_served(
-    v1beta2_plane: ControlPlane, tmp_path: Path
+    v1beta2_plane: ControlPlane, workdir: Path
 ) -> None:
-    plugin = _start_plugin(v1beta2_plane, f"v1beta2-node-{_suffix()}", tmp_path, total_credits=4)
+    plugin = _start_plugin(v1beta2_plane, f"v1beta2-node-{_suffix()}", workdir, total_credits=4)
     try:
         published = _the_slice(plugin)
         assert _published_api_version(plugin) == "v1beta2"
@@ -310,33 +336,34 @@ def test_plugin_publishes_in_v1beta2_when_only_v1beta2_is_served(
 
 
 @pytest.fixture(scope="module")
-def shared_node(
-    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, str]]:
+def device_class(control_plane: ControlPlane) -> Iterator[None]:
+    """The driver's DeviceClass on the session's control plane."""
+    with _device_class(control_plane):
+        yield
+
+
+@pytest.fixture(scope="module")
+def shared_node(control_plane: ControlPlane, device_class: None) -> Iterator[tuple[str, str]]:
     """A node with 4 credits (3 schedulable) and three pods with one claim each.
 
     Yields (namespace, node); the pods are `p0`, `p1`, `p2`.
     """
     node = ns = f"shared-node-{_suffix()}"
-    plugin = _start_plugin(
-        control_plane, node, tmp_path_factory.mktemp("shared"), total_credits=4
-    )
-    classes = _device_class(control_plane)
-    next(classes)
-    try:
-        _the_slice(plugin)
-        control_plane.create_namespace(ns)
-        control_plane.apply(
-            [
-                _claim_template(ns, "one-credit"),
-                *(_pod(ns, f"p{i}", node, "one-credit") for i in range(3)),
-            ]
-        )
-        yield ns, node
-    finally:
-        plugin.stop()
-        control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        next(classes, None)
+    with _short_dir("nx-shared") as workdir:
+        plugin = _start_plugin(control_plane, node, workdir, total_credits=4)
+        try:
+            _the_slice(plugin)
+            control_plane.create_namespace(ns)
+            control_plane.apply(
+                [
+                    _claim_template(ns, "one-credit"),
+                    *(_pod(ns, f"p{i}", node, "one-credit") for i in range(3)),
+                ]
+            )
+            yield ns, node
+        finally:
+            plugin.stop()
+            control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_scheduler_gives_three_pods_the_one_shared_device_one_credit_each(
@@ -358,7 +385,9 @@ def test_a_claim_for_more_credits_than_remain_leaves_its_pod_unschedulable(
     ns, node = shared_node
     for i in range(3):
         _allocated_results(control_plane, ns, f"p{i}")
-    control_plane.apply([_claim_template(ns, "two-credits", "2"), _pod(ns, "p3", node, "two-credits")])
+    control_plane.apply(
+        [_claim_template(ns, "two-credits", "2"), _pod(ns, "p3", node, "two-credits")]
+    )
 
     def unschedulable() -> dict[str, Any] | None:
         pod = _get(control_plane, "pod", "p3", "-n", ns)
@@ -381,12 +410,10 @@ def test_a_claim_for_more_credits_than_remain_leaves_its_pod_unschedulable(
 
 
 def test_slot_mode_gives_each_pod_its_own_device(
-    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    control_plane: ControlPlane, device_class: None, workdir: Path, unique_name: str
 ) -> None:
     node = ns = unique_name
-    plugin = _start_plugin(control_plane, node, tmp_path, total_credits=4, device_mode="slots")
-    classes = _device_class(control_plane)
-    next(classes)
+    plugin = _start_plugin(control_plane, node, workdir, total_credits=4, device_mode="slots")
     try:
         published = _the_slice(plugin)
         assert [d["name"] for d in published["spec"]["devices"]] == [
@@ -407,14 +434,16 @@ def test_slot_mode_gives_each_pod_its_own_device(
     finally:
         plugin.stop()
         control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        next(classes, None)
 
 
 # --- level-triggered publishing ---------------------------------------------------------
 
 
 async def _restored_after(
-    api: ApiClient, name: str, change: Callable[[], Any], restored: Callable[[dict[str, Any]], bool]
+    api: ApiClient,
+    name: str,
+    change: Callable[[], Awaitable[None]],
+    restored: Callable[[dict[str, Any]], bool],
 ) -> float:
     """Seconds from `change()` returning until the slice `name` satisfies `restored`."""
     slices = resource_kinds("v1")["ResourceSlice"]
@@ -432,11 +461,11 @@ async def _restored_after(
 
 @pytest.mark.anyio
 async def test_a_deleted_slice_is_restored_by_the_watch_within_two_seconds(
-    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    api: ApiClient, control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     # Rediscovery once an hour: only the watch can bring the slice back in time.
     plugin = _start_plugin(
-        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+        control_plane, unique_name, workdir, extra_args=("--rediscovery-interval=1h",)
     )
     try:
         before = _the_slice(plugin)
@@ -457,10 +486,10 @@ async def test_a_deleted_slice_is_restored_by_the_watch_within_two_seconds(
 
 @pytest.mark.anyio
 async def test_an_edited_device_in_our_slice_is_restored(
-    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    api: ApiClient, control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     plugin = _start_plugin(
-        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+        control_plane, unique_name, workdir, extra_args=("--rediscovery-interval=1h",)
     )
     try:
         before = _the_slice(plugin)
@@ -485,10 +514,10 @@ async def test_an_edited_device_in_our_slice_is_restored(
 
 @pytest.mark.anyio
 async def test_our_label_removed_from_our_slice_is_restored(
-    api: ApiClient, control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    api: ApiClient, control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     plugin = _start_plugin(
-        control_plane, unique_name, tmp_path, extra_args=("--rediscovery-interval=1h",)
+        control_plane, unique_name, workdir, extra_args=("--rediscovery-interval=1h",)
     )
     try:
         before = _the_slice(plugin)
@@ -517,12 +546,12 @@ async def test_our_label_removed_from_our_slice_is_restored(
 
 
 def test_a_credit_change_seen_on_sighup_is_published_with_a_higher_generation(
-    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     plugin = _start_plugin(
         control_plane,
         unique_name,
-        tmp_path,
+        workdir,
         total_credits=8,
         extra_args=("--rediscovery-interval=1h",),
     )
@@ -542,9 +571,9 @@ def test_a_credit_change_seen_on_sighup_is_published_with_a_higher_generation(
 
 
 def test_a_restarted_plugin_adopts_its_slice_without_rewriting_it(
-    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
-    plugin = _start_plugin(control_plane, unique_name, tmp_path)
+    plugin = _start_plugin(control_plane, unique_name, workdir)
     try:
         _wait_published(plugin)
         before = _the_slice(plugin)
@@ -566,18 +595,15 @@ def test_a_restarted_plugin_adopts_its_slice_without_rewriting_it(
 
 
 @pytest.fixture(scope="module")
-def fallen_back(
-    plane_without_consumable_capacity: ControlPlane, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PluginProcess]:
+def fallen_back(plane_without_consumable_capacity: ControlPlane) -> Iterator[PluginProcess]:
     """A plugin in (default) shared mode on a server without consumable capacity."""
     cp = plane_without_consumable_capacity
-    plugin = _start_plugin(
-        cp, f"fallback-node-{_suffix()}", tmp_path_factory.mktemp("fallback"), total_credits=4
-    )
-    try:
-        yield plugin
-    finally:
-        plugin.stop()
+    with _short_dir("nx-fallback") as workdir:
+        plugin = _start_plugin(cp, f"fallback-node-{_suffix()}", workdir, total_credits=4)
+        try:
+            yield plugin
+        finally:
+            plugin.stop()
 
 
 def test_without_consumable_capacity_the_plugin_falls_back_to_slot_devices(
@@ -597,7 +623,7 @@ def test_without_consumable_capacity_the_plugin_falls_back_to_slot_devices(
 
     published = _wait(slot_slice, "slot devices nx-gzip-0..2")
     assert all("allowMultipleAllocations" not in d for d in published["spec"]["devices"])
-    assert any("falling back to slot mode" in str(r.get("msg", r.get("message"))) for r in _log_records(fallen_back)), fallen_back.log()
+    assert any("falling back to slot mode" in m for m in _log_messages(fallen_back))
 
 
 def test_without_consumable_capacity_a_claim_is_allocated_a_slot_device(
@@ -605,27 +631,23 @@ def test_without_consumable_capacity_a_claim_is_allocated_a_slot_device(
 ) -> None:
     cp = plane_without_consumable_capacity
     node = ns = fallen_back.node_name
-    classes = _device_class(cp)
-    next(classes)
-    try:
+    with _device_class(cp):
         cp.create_namespace(ns)
         cp.apply([_claim_template(ns, "nx"), _pod(ns, "p", node, "nx")])
         ((result),) = _allocated_results(cp, ns, "p")
-        assert (result["driver"], result["pool"]) == (DRIVER, node)
-        assert result["device"] in {"nx-gzip-0", "nx-gzip-1", "nx-gzip-2"}
-        assert "consumedCapacity" not in result
-    finally:
-        next(classes, None)
+    assert (result["driver"], result["pool"]) == (DRIVER, node)
+    assert result["device"] in {"nx-gzip-0", "nx-gzip-1", "nx-gzip-2"}
+    assert "consumedCapacity" not in result
 
 
 # --- no NX-gzip ------------------------------------------------------------------------
 
 
 def test_a_node_without_nx_gzip_gets_an_empty_pool_and_the_plugin_keeps_running(
-    control_plane: ControlPlane, tmp_path: Path, unique_name: str
+    control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     control_plane.create_node(unique_name)
-    plugin = PluginProcess(control_plane, unique_name, tmp_path / unique_name, make_tree=False)
+    plugin = PluginProcess(control_plane, unique_name, workdir, make_tree=False)
     make_empty_tree(plugin.sysfs_root)
     plugin.start()
     try:
@@ -633,8 +655,7 @@ def test_a_node_without_nx_gzip_gets_an_empty_pool_and_the_plugin_keeps_running(
         published = _the_slice(plugin)
         assert published["spec"].get("devices", []) == []
         assert published["spec"]["pool"]["name"] == unique_name
-        messages = [str(r.get("msg", r.get("message"))) for r in _log_records(plugin)]
-        assert "no NX-gzip found: publishing an empty pool" in messages
+        assert "no NX-gzip found: publishing an empty pool" in _log_messages(plugin)
         assert plugin.process is not None and plugin.process.alive()
     finally:
         plugin.stop()
