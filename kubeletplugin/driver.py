@@ -28,6 +28,7 @@ from controller.errors import ApiError, NotFound
 from controller.resources import resource_kinds
 
 from .cdi import (
+    SPEC_FILE_PREFIX,
     claim_spec,
     list_claim_specs,
     remove_claim_spec,
@@ -134,6 +135,7 @@ class NxDriver:
             self.claims = dict(loaded.claims)
             problems = list(loaded.problems)
             problems += self._reconcile_files()
+            self._remove_partial_writes()
             if problems:
                 save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
             self._written = _file_signature(self.paths.checkpoint)
@@ -152,6 +154,17 @@ class NxDriver:
         for note in notes:
             log.warning("%s", note)
         return notes
+
+    def _remove_partial_writes(self) -> None:
+        # A kill during an atomic write leaves its temporary file (`.<name>.<random>.tmp`)
+        # behind; nobody else writes ours while we hold the state lock.
+        partial = [
+            *self.paths.cdi_root.glob(f".{SPEC_FILE_PREFIX}*.tmp"),
+            *self.paths.plugin_dir.glob(f".{CHECKPOINT_FILE_NAME}.*.tmp"),
+        ]
+        for path in partial:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: left by a write that was interrupted", path)
 
     def _spec(self, prepared: PreparedClaim) -> dict[str, Any]:
         return claim_spec(prepared, self.paths.device_path, self.paths.host_device_path)

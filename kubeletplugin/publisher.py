@@ -20,7 +20,7 @@ import anyio
 from controller.apiclient import ApiClient
 from controller.errors import AlreadyExists, NotFound
 from controller.informer import Informer
-from controller.resources import NODES, resource_kinds
+from controller.resources import NODES, Resource, resource_kinds
 from controller.slices import (
     Device,
     build_pool_slices,
@@ -66,6 +66,7 @@ class SlicePublisher:
         self.queue = WorkQueue("slices", base_delay=0.05, max_delay=30.0)
         self.published = anyio.Event()
         self.reconciles = 0
+        self._multi_allocation_probed = False
         self._on_mode_change = on_mode_change
 
     @property
@@ -140,6 +141,10 @@ class SlicePublisher:
         if not (changed or extra or missing):
             self.published.set()
             return
+        if await self._server_would_drop_multi_allocation(slices, desired):
+            self._fall_back_to_slots()
+            self.queue.add(POOL_KEY)
+            return
         if changed or extra:
             # Content changes: a new generation tells the scheduler which slices are current.
             self.generation = max(self.generation, actual_gen) + 1
@@ -172,8 +177,40 @@ class SlicePublisher:
         )
         self.published.set()
 
+    async def _server_would_drop_multi_allocation(
+        self, slices: Resource, desired: list[dict[str, Any]]
+    ) -> bool:
+        """Ask once, by a dry-run create, whether the server keeps allowMultipleAllocations.
+
+        Knowing before the first write matters on a restart: without it, a plugin
+        on a server lacking consumable capacity would replace the slot devices
+        claims are allocated from with one exclusive `nx-gzip` device, then fall
+        back and write the slots again (two generations, and a pool the scheduler
+        may allocate the wrong device from in between).
+        """
+        if (
+            self.options.mode != "shared"
+            or self._multi_allocation_probed
+            or not any(d.allow_multiple_allocations for d in self.devices)
+        ):
+            return False
+        probe = dict(desired[0])
+        probe["metadata"] = {
+            key: value for key, value in desired[0]["metadata"].items() if key != "name"
+        }
+        probe["metadata"]["generateName"] = f"{desired[0]['metadata']['name']}-probe-"
+        answer = await self.client.request(
+            "POST",
+            slices.path(),
+            params={"dryRun": "All"},
+            body=probe,
+            what=f"dry-run create ResourceSlice for node {self.node_name}",
+        )
+        self._multi_allocation_probed = True
+        return server_dropped_multi_allocation(desired[0], answer)
+
     async def _write(
-        self, slices: Any, want: dict[str, Any], have: dict[str, Any] | None
+        self, slices: Resource, want: dict[str, Any], have: dict[str, Any] | None
     ) -> dict[str, Any]:
         if have is None:
             try:

@@ -25,6 +25,7 @@ from controller.deviceclasses import (
 from controller.errors import NotFound
 from controller.resources import resource_kinds
 from tests.harness.cluster import ControlPlane
+from tests.test_leader import restricted_config
 
 NX = {"apiVersion": "nx.device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
 OURS = {"app.kubernetes.io/managed-by": "power-dra-driver"}
@@ -167,7 +168,10 @@ async def test_configured_classes_are_applied_and_repaired_and_stale_ones_delete
     foreign_before = await api.get(classes, foreign)
     nx = {"opaque": {"driver": DRIVER, "parameters": {**NX, "verbose": 1}}}
     desired = (DesiredClass(DRIVER), DesiredClass(a), DesiredClass(b, config=(nx,)))
-    controller = DeviceClassController(api, classes.version, desired)
+    # Run with exactly the documented RBAC.
+    control_plane.kubectl("create", "namespace", unique_name)
+    restricted = ApiClient(restricted_config(control_plane, unique_name, "controller"))
+    controller = DeviceClassController(restricted, classes.version, desired)
 
     async def get(name: str) -> dict[str, Any] | None:
         try:
@@ -179,7 +183,7 @@ async def test_configured_classes_are_applied_and_repaired_and_stale_ones_delete
         want = device_class_object(next(d for d in desired if d.name == name), classes.version)
         return class_is_current(await get(name), want)
 
-    async with anyio.create_task_group() as tg:
+    async with restricted, anyio.create_task_group() as tg:
         await tg.start(controller.run)
         for name in (DRIVER, a, b):
             await _wait(lambda name=name: as_desired(name))
@@ -199,6 +203,7 @@ async def test_configured_classes_are_applied_and_repaired_and_stale_ones_delete
         await api.delete(classes, b)
         await _wait(lambda: as_desired(b))
         tg.cancel_scope.cancel()
+    control_plane.kubectl("delete", "namespace", unique_name, "--wait=false")
 
     foreign_after = await api.get(classes, foreign)
     assert (

@@ -21,6 +21,7 @@ from controller.operator import (
 )
 from controller.resources import DAEMONSETS
 from tests.harness.cluster import ControlPlane
+from tests.test_leader import restricted_config
 
 IMAGE = "registry.example.com/power-dra-driver:0.1.0"
 
@@ -221,8 +222,9 @@ async def test_the_plugin_daemonset_is_applied_repaired_and_strays_deleted(
     async def image_is_ours() -> bool:
         return await image() == IMAGE
 
-    controller = PluginDaemonSetController(api, ns, config)
-    async with anyio.create_task_group() as tg:
+    restricted = ApiClient(restricted_config(control_plane, ns, "controller"))
+    controller = PluginDaemonSetController(restricted, ns, config)  # the documented Role
+    async with restricted, anyio.create_task_group() as tg:
         await tg.start(controller.run)
         await wait_for(image_is_ours)
 

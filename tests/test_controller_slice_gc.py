@@ -14,6 +14,7 @@ from controller.errors import NotFound
 from controller.resources import NODES, resource_kinds
 from controller.slice_gc import DRIVER, SliceGC, is_orphan, slice_node
 from tests.harness.cluster import ControlPlane
+from tests.test_leader import restricted_config
 
 
 def _slice(name: str, node: str | None, driver: str = DRIVER, pool: str | None = None) -> Any:
@@ -85,8 +86,10 @@ async def test_slices_of_a_deleted_node_are_deleted_after_the_grace_period_only(
         await api.create(slices, obj)
 
     grace = 1.5
-    gc = SliceGC(api, slices.version, grace=grace)
-    async with anyio.create_task_group() as tg:
+    control_plane.kubectl("create", "namespace", unique_name)
+    restricted = ApiClient(restricted_config(control_plane, unique_name, "controller"))
+    gc = SliceGC(restricted, slices.version, grace=grace)  # exactly the documented RBAC
+    async with restricted, anyio.create_task_group() as tg:
         await tg.start(gc.run)
         started = time.monotonic()
         await api.delete(NODES, doomed)
@@ -101,6 +104,7 @@ async def test_slices_of_a_deleted_node_are_deleted_after_the_grace_period_only(
         assert time.monotonic() - started >= grace
         await anyio.sleep(0.5)  # past the deadline of the re-created node's slice too
         tg.cancel_scope.cancel()
+    control_plane.kubectl("delete", "namespace", unique_name, "--wait=false")
 
     assert await _exists(api, slices, f"{live}-s")
     assert await _exists(api, slices, f"{back}-s")

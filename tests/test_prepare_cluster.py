@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.dra_objects import claim, claim_spec, device_class, pod, template
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import DRIVER, PluginProcess
 from tests.kubelet_standin import ClaimName, KubeletStandin, PodResult
@@ -25,78 +26,7 @@ pytestmark = pytest.mark.cluster
 
 CDI_KIND = "k8s.nx.device.power.ibm.com/nx"
 SPEC_PREFIX = "k8s.nx.device.power.ibm.com-nx_"
-NXCONFIG = {"apiVersion": "nx.device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
 TIMEOUT = 60.0
-
-
-# --- objects ---------------------------------------------------------------------------
-
-
-def device_class(name: str, driver: str = DRIVER) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "DeviceClass",
-        "metadata": {"name": name},
-        "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{driver}'"}}]},
-    }
-
-
-def claim_spec(requests: dict[str, str], config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A claim spec with one request per (name -> device class), and an NxConfig for all."""
-    devices: dict[str, Any] = {
-        "requests": [
-            {"name": name, "exactly": {"deviceClassName": cls}} for name, cls in requests.items()
-        ]
-    }
-    if config is not None:
-        devices["config"] = [{"opaque": {"driver": DRIVER, "parameters": {**NXCONFIG, **config}}}]
-    return {"devices": devices}
-
-
-def template(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaimTemplate",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"spec": spec},
-    }
-
-
-def claim(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": spec,
-    }
-
-
-def pod(
-    ns: str,
-    name: str,
-    node: str,
-    templates: dict[str, str] | None = None,
-    claims: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """A pod on `node` using claims from templates and existing claims (entry -> object name)."""
-    entries = [{"name": e, "resourceClaimTemplateName": t} for e, t in (templates or {}).items()]
-    entries += [{"name": e, "resourceClaimName": c} for e, c in (claims or {}).items()]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [
-                {
-                    "name": "c",
-                    "image": "registry.example/nx-app",
-                    "resources": {"claims": [{"name": e["name"]} for e in entries]},
-                }
-            ],
-            "resourceClaims": entries,
-        },
-    }
 
 
 # --- a node with the plugin and a kubelet stand-in ------------------------------------

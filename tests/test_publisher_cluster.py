@@ -40,6 +40,8 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 TOTAL_CREDITS_FILE = f"{VAS_GZIP_DIR}/default_capabilities/nr_total_credits"
 WAIT = 30.0  # generous: two cores shared with other test runs
 RESTORE_BOUND = 2.0  # a watch event, not the 30 s rediscovery timer
+# 4 credits minus the 1 reserved: the slot devices (or shares) a test node offers.
+SLOTS_OF_FOUR_CREDITS = ["nx-gzip-0", "nx-gzip-1", "nx-gzip-2"]
 ONLY_V1BETA1 = "resource.k8s.io/v1beta1=true,resource.k8s.io/v1=false,resource.k8s.io/v1beta2=false"
 ONLY_V1BETA2 = "resource.k8s.io/v1beta2=true,resource.k8s.io/v1=false,resource.k8s.io/v1beta1=false"
 
@@ -56,7 +58,7 @@ class ControlPlaneWithoutResourceV1(ControlPlane):
     older versions, but its own ResourceSlice informer lists v1, so the
     `informer-sync` readiness check never passes. Readiness is therefore
     waited for without that one check. No scheduler or controller-manager:
-    both list resource.k8s.io/v1 and these tests need neither.
+    these tests need neither.
     """
 
     def __init__(self, workdir: Path, runtime_config: str) -> None:
@@ -185,21 +187,23 @@ def _generation(slice_obj: dict[str, Any]) -> int:
     return int(slice_obj["spec"]["pool"]["generation"])
 
 
-def _log_records(plugin: PluginProcess) -> list[dict[str, Any]]:
-    """The plugin's JSON log lines."""
-    records = []
+def _identity(obj: dict[str, Any]) -> tuple[str, int, str]:
+    """What changes when a slice is re-created or written: UID, generation, resourceVersion."""
+    meta = obj["metadata"]
+    return meta["uid"], _generation(obj), meta["resourceVersion"]
+
+
+def _log_messages(plugin: PluginProcess) -> list[str]:
+    """The `msg` of each of the plugin's JSON log lines."""
+    messages = []
     for line in plugin.log().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _log_messages(plugin: PluginProcess) -> list[str]:
-    return [str(r.get("msg")) for r in _log_records(plugin)]
+            messages.append(str(record.get("msg")))
+    return messages
 
 
 @contextmanager
@@ -275,14 +279,15 @@ def _allocated_results(cp: ControlPlane, ns: str, pod: str) -> list[dict[str, An
 # --- API versions -----------------------------------------------------------------------
 
 
-def _published_api_version(plugin: PluginProcess) -> str:
-    def version() -> str | None:
-        for record in _log_records(plugin):
-            if record.get("msg") == "published node slices":
-                return str(record["apiVersion"])
-        return None
-
-    return _wait(version, "'published node slices' log line")
+def _written_in(cp: ControlPlane, slice_obj: dict[str, Any]) -> set[str]:
+    """The API versions the plugin wrote the slice in, as the server's managedFields say."""
+    name = slice_obj["metadata"]["name"]
+    meta = _get(cp, "resourceslice", name, "--show-managed-fields")["metadata"]
+    return {
+        entry["apiVersion"]
+        for entry in meta.get("managedFields", [])
+        if entry.get("manager") == "power-dra-kubeletplugin"
+    }
 
 
 def test_plugin_publishes_in_resource_v1_when_the_server_serves_it(
@@ -291,7 +296,7 @@ def test_plugin_publishes_in_resource_v1_when_the_server_serves_it(
     plugin = _start_plugin(control_plane, unique_name, workdir)
     try:
         published = _the_slice(plugin)
-        assert _published_api_version(plugin) == "v1"
+        assert _written_in(control_plane, published) == {"resource.k8s.io/v1"}
         assert published["apiVersion"] == "resource.k8s.io/v1"
         assert published["spec"]["devices"][0]["allowMultipleAllocations"] is True
     finally:
@@ -304,7 +309,7 @@ def test_plugin_publishes_in_v1beta1_with_device_fields_under_basic_when_only_v1
     plugin = _start_plugin(v1beta1_plane, f"v1beta1-node-{_suffix()}", workdir, total_credits=4)
     try:
         published = _the_slice(plugin)
-        assert _published_api_version(plugin) == "v1beta1"
+        assert _written_in(v1beta1_plane, published) == {"resource.k8s.io/v1beta1"}
         assert published["apiVersion"] == "resource.k8s.io/v1beta1"
         (device,) = published["spec"]["devices"]
         assert device["name"] == "nx-gzip"
@@ -322,7 +327,7 @@ def test_plugin_publishes_in_v1beta2_when_only_v1beta2_is_served(
     plugin = _start_plugin(v1beta2_plane, f"v1beta2-node-{_suffix()}", workdir, total_credits=4)
     try:
         published = _the_slice(plugin)
-        assert _published_api_version(plugin) == "v1beta2"
+        assert _written_in(v1beta2_plane, published) == {"resource.k8s.io/v1beta2"}
         assert published["apiVersion"] == "resource.k8s.io/v1beta2"
         (device,) = published["spec"]["devices"]
         assert (device["name"], _credits(published)) == ("nx-gzip", "3")
@@ -399,7 +404,8 @@ def test_a_claim_for_more_credits_than_remain_leaves_its_pod_unschedulable(
     seen = _wait(unschedulable, "PodScheduled=False on pod p3")
     condition = seen["condition"]
     assert condition["reason"] == "Unschedulable"
-    assert "claim" in condition["message"], condition["message"]
+    # The scheduler's DRA plugin names the cause: "... 1 cannot allocate all claims ...".
+    assert "cannot allocate all claims" in condition["message"], condition["message"]
     assert not seen["pod"]["spec"].get("nodeName")
     claim = _pod_claim(control_plane, ns, "p3")
     assert claim is not None
@@ -416,11 +422,7 @@ def test_slot_mode_gives_each_pod_its_own_device(
     plugin = _start_plugin(control_plane, node, workdir, total_credits=4, device_mode="slots")
     try:
         published = _the_slice(plugin)
-        assert [d["name"] for d in published["spec"]["devices"]] == [
-            "nx-gzip-0",
-            "nx-gzip-1",
-            "nx-gzip-2",
-        ]
+        assert [d["name"] for d in published["spec"]["devices"]] == SLOTS_OF_FOUR_CREDITS
         control_plane.create_namespace(ns)
         control_plane.apply(
             [_claim_template(ns, "slot"), *(_pod(ns, f"p{i}", node, "slot") for i in range(3))]
@@ -430,7 +432,7 @@ def test_slot_mode_gives_each_pod_its_own_device(
             ((result),) = _allocated_results(control_plane, ns, f"p{i}")
             assert (result["driver"], result["pool"]) == (DRIVER, node)
             devices.append(result["device"])
-        assert sorted(devices) == ["nx-gzip-0", "nx-gzip-1", "nx-gzip-2"]
+        assert sorted(devices) == SLOTS_OF_FOUR_CREDITS
     finally:
         plugin.stop()
         control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
@@ -581,17 +583,20 @@ def test_a_restarted_plugin_adopts_its_slice_without_rewriting_it(
         plugin.start()
         _wait_published(plugin)
         after = _the_slice(plugin)
-
-        def identity(obj: dict[str, Any]) -> tuple[str, int, str]:
-            meta = obj["metadata"]
-            return meta["uid"], _generation(obj), meta["resourceVersion"]
-
-        assert identity(after) == identity(before)
+        assert _identity(after) == _identity(before)
     finally:
         plugin.stop()
 
 
 # --- consumable capacity off: slot fallback ------------------------------------------------
+
+
+def _slot_slice(plugin: PluginProcess) -> dict[str, Any] | None:
+    """The plugin's slice once it holds the slot devices of a 4-credit node."""
+    for obj in plugin.slices():
+        if [d["name"] for d in obj["spec"]["devices"]] == SLOTS_OF_FOUR_CREDITS:
+            return obj
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -610,18 +615,7 @@ def test_without_consumable_capacity_the_plugin_falls_back_to_slot_devices(
     fallen_back: PluginProcess,
 ) -> None:
     assert fallen_back.device_mode == "shared"
-
-    def slot_slice() -> dict[str, Any] | None:
-        for obj in fallen_back.slices():
-            if [d["name"] for d in obj["spec"]["devices"]] == [
-                "nx-gzip-0",
-                "nx-gzip-1",
-                "nx-gzip-2",
-            ]:
-                return obj
-        return None
-
-    published = _wait(slot_slice, "slot devices nx-gzip-0..2")
+    published = _wait(lambda: _slot_slice(fallen_back), "slot devices nx-gzip-0..2")
     assert all("allowMultipleAllocations" not in d for d in published["spec"]["devices"])
     assert any("falling back to slot mode" in m for m in _log_messages(fallen_back))
 
@@ -636,8 +630,23 @@ def test_without_consumable_capacity_a_claim_is_allocated_a_slot_device(
         cp.apply([_claim_template(ns, "nx"), _pod(ns, "p", node, "nx")])
         ((result),) = _allocated_results(cp, ns, "p")
     assert (result["driver"], result["pool"]) == (DRIVER, node)
-    assert result["device"] in {"nx-gzip-0", "nx-gzip-1", "nx-gzip-2"}
+    assert result["device"] in SLOTS_OF_FOUR_CREDITS
     assert "consumedCapacity" not in result
+
+
+def test_without_consumable_capacity_a_restarted_plugin_keeps_its_slot_slice_untouched(
+    fallen_back: PluginProcess,
+) -> None:
+    # The restarted plugin starts in shared mode again: it must learn that the server
+    # drops allowMultipleAllocations without overwriting the slots claims come from.
+    _wait(lambda: _slot_slice(fallen_back), "slot devices nx-gzip-0..2")
+    _wait_published(fallen_back)
+    before = _the_slice(fallen_back)
+    fallen_back.stop()
+    fallen_back.start()
+    _wait_published(fallen_back)
+    after = _the_slice(fallen_back)
+    assert _identity(after) == _identity(before)
 
 
 # --- no NX-gzip ------------------------------------------------------------------------

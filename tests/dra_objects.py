@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kubernetes objects the DRA tests (and the demo) apply, as plain dicts.
+
+cp.apply([device_class("nx-test"),
+          template(ns, "nx", claim_spec({"nx": "nx-test"})),
+          pod(ns, "p", node, templates={"nx": "nx"})])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tests.harness.cluster import ControlPlane
+from tests.harness.plugin import DRIVER
+from tests.kubelet_standin import ClaimName
+
+NXCONFIG_HEADER = {"apiVersion": "nx.device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
+
+
+def device_class(name: str, driver: str = DRIVER) -> dict[str, Any]:
+    """A DeviceClass selecting every device of `driver`."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": name},
+        "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{driver}'"}}]},
+    }
+
+
+def claim_spec(requests: dict[str, str], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A claim spec: one request per name -> device class, and optionally one
+    NxConfig (fields without the header) for all requests."""
+    devices: dict[str, Any] = {
+        "requests": [
+            {"name": name, "exactly": {"deviceClassName": cls}} for name, cls in requests.items()
+        ]
+    }
+    if config is not None:
+        devices["config"] = [
+            {"opaque": {"driver": DRIVER, "parameters": {**NXCONFIG_HEADER, **config}}}
+        ]
+    return {"devices": devices}
+
+
+def template(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A ResourceClaimTemplate."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"spec": spec},
+    }
+
+
+def claim(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A standalone ResourceClaim."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }
+
+
+def pod(
+    ns: str,
+    name: str,
+    node: str,
+    templates: dict[str, str] | None = None,
+    claims: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A pod pinned to `node` using claims from templates and existing claims
+    (pod claim entry -> object name); its one container uses them all."""
+    entries = [{"name": e, "resourceClaimTemplateName": t} for e, t in (templates or {}).items()]
+    entries += [{"name": e, "resourceClaimName": c} for e, c in (claims or {}).items()]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "registry.example/nx-app",
+                    "resources": {"claims": [{"name": e["name"]} for e in entries]},
+                }
+            ],
+            "resourceClaims": entries,
+        },
+    }
+
+
+def allocate_claims(
+    cp: ControlPlane,
+    ns: str,
+    node: str,
+    *,
+    device_class_name: str,
+    count: int,
+    timeout: float = 60.0,
+) -> list[ClaimName]:
+    """Create `count` claims and one pod using them all; return them once the
+    scheduler allocated every one (in name order)."""
+    names = [f"c{i:03d}" for i in range(count)]
+    objects = [claim(ns, n, claim_spec({"nx": device_class_name})) for n in names]
+    objects.append(pod(ns, "holder", node, claims={n: n for n in names}))
+    cp.apply(objects)
+    deadline = time.monotonic() + timeout
+    while True:
+        items = json.loads(cp.kubectl("get", "resourceclaims", "-n", ns, "-o", "json").stdout)[
+            "items"
+        ]
+        allocated = [c for c in items if (c.get("status") or {}).get("allocation")]
+        if len(allocated) == count:
+            return sorted(
+                (ClaimName(ns, c["metadata"]["uid"], c["metadata"]["name"]) for c in allocated),
+                key=lambda c: c.name,
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(allocated)} of {count} claims allocated after {timeout} s")
+        time.sleep(0.1)
