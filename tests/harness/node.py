@@ -421,6 +421,28 @@ class NodePlugin(PluginProcess):
             wd=str(REPO),
         )
 
+    def start(self, wait: bool = True) -> NodePlugin:
+        # A restart (same pod UID) appends to the same log: read only this run's part.
+        log = self.workdir / f"plugin-{self.node_name}-{self.pod_uid}.log"
+        self.log_offset = log.stat().st_size if log.exists() else 0
+        super().start(wait=wait)
+        return self
+
+    def log(self) -> str:
+        """This run's log."""
+        if self.process is None:
+            return ""
+        with self.process.log_path.open("rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
+
+    def registered(self) -> bool:
+        """The kubelet has registered this run of the plugin."""
+        return "kubelet registered DRA driver" in self.log()
+
+    def wait_registered(self, timeout: float = 15.0) -> None:
+        self.wait_for(self.registered, timeout, "registration by the kubelet")
+
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -521,7 +543,7 @@ class RealNode:
         self.containerd: Process | None = None
         self.kubelet: Process | None = None
         self.plugin: NodePlugin | None = None
-        self.old_plugins: list[NodePlugin] = []
+        self.plugins: list[NodePlugin] = []  # every instance started, in order
         self.host_before: dict[str, Any] = {}
         self.kubelet_port = 0
         self.ip = ""
@@ -545,7 +567,7 @@ class RealNode:
             self.start_containerd()
             self._import_images()
             self.start_kubelet()
-            self.start_plugin()
+            self.start_plugin(registered=False)
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -804,12 +826,16 @@ disabled_plugins = [
         if self.kubelet is not None:
             self.kubelet.stop(timeout=15)
 
-    def start_plugin(self, pod_uid: str | None = None, wait: bool = True) -> NodePlugin:
-        """Start a plugin instance (a DaemonSet pod); it becomes `self.plugin`."""
+    def start_plugin(self, pod_uid: str | None = None, registered: bool = True) -> NodePlugin:
+        """Start a plugin instance (a DaemonSet pod); it becomes `self.plugin`.
+
+        With `registered`, wait until the kubelet has registered it (else only
+        until it serves its sockets)."""
         plugin = NodePlugin(self, pod_uid or str(uuid.uuid4()))
-        plugin.start(wait=wait)
-        if self.plugin is not None:
-            self.old_plugins.append(self.plugin)
+        plugin.start()
+        if registered:
+            plugin.wait_registered()
+        self.plugins.append(plugin)
         self.plugin = plugin
         self._write_state()
         return plugin
@@ -827,13 +853,7 @@ disabled_plugins = [
 
         wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
         assert self.plugin is not None
-        plugin = self.plugin
-        wait_for(
-            "plugin registered with the kubelet",
-            lambda: "kubelet registered DRA driver" in plugin.log(),
-            timeout,
-            0.05,
-        )
+        self.plugin.wait_registered(timeout)
         wait_for("our ResourceSlice", self.slices, timeout, 0.05)
 
     # --- observation ----------------------------------------------------------------------
@@ -877,32 +897,46 @@ disabled_plugins = [
         return self.start_plugin(old.pod_uid)
 
     def reboot(self) -> None:
-        """A reboot as the plugin sees it: kubelet and plugin restart, /run/cdi is empty
-        (tmpfs), the boot ID is new, the plugin's state file is kept. Containers keep
-        running, so the kubelet finds its pods and prepares their claims again."""
+        """A reboot, as far as the node's software can tell: every container and daemon
+        dies, `/run` (a tmpfs: CDI specs, containerd's state) comes back empty, the boot
+        ID is new; `/var/lib/kubelet` (the plugin's state file, the kubelet's) is kept.
+        Then containerd, our plugin and the kubelet start again; the kubelet finds its
+        pods' sandboxes gone and starts them again, preparing their claims first."""
         assert self.ns is not None and self.plugin is not None
-        self.stop_kubelet()
-        old = self.plugin
-        old.stop()
-        self.plugin = None
-        for spec in self.cdi_dir.iterdir():
-            spec.unlink()
+        pod_uid = self.plugin.pod_uid
+        self._stop_processes()
+        self.ns.run(["umount", "--recursive", "--lazy", "/run"])
+        for entry in self.run_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self.cdi_dir.mkdir()
+        self.ns.run(["mount", "--bind", str(self.run_dir), "/run"])
         (self.workdir / "sysctl" / BOOT_ID.replace("/", ".")).write_text(f"{uuid.uuid4()}\n")
-        self.start_plugin(old.pod_uid)
+        self.start_containerd()
+        self.start_plugin(pod_uid, registered=False)
         self.start_kubelet()
 
     # --- stop -----------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop everything by PID, remove our cgroups and mounts; see `host_changes`."""
+    def _stop_processes(self) -> None:
+        """Stop the kubelet and plugins (SIGTERM), kill the containers, stop containerd
+        and its shims; the namespace and cgroup root stay."""
         if self.kubelet is not None:
             self.kubelet.stop(timeout=15)
-        for plugin in [*self.old_plugins, *([self.plugin] if self.plugin else [])]:
+        for plugin in self.plugins:
             plugin.stop()
-        # Containers first (their shims then exit on their own), then containerd.
-        leftovers = remove_cgroup_root(self.cgroup_root, timeout=1)
+        self.plugin = None
+        kill_pids(_cgroup_procs(self.cgroup_root), signal.SIGKILL, timeout=5)
         if self.containerd is not None:
             self.containerd.stop(timeout=10)
+        if self.ns is not None:  # the shims (their containers are gone, they would exit)
+            kill_pids(self.ns.members(), signal.SIGKILL, timeout=5)
+
+    def stop(self) -> None:
+        """Stop everything by PID, remove our cgroups and mounts; see `host_changes`."""
+        self._stop_processes()
         if self.ns is not None:
             self.ns.stop()
         leftovers = remove_cgroup_root(self.cgroup_root)
@@ -924,7 +958,7 @@ disabled_plugins = [
         procs = {
             "kubelet": self.kubelet,
             "containerd": self.containerd,
-            **{f"plugin-{p.pod_uid}": p.process for p in [*self.old_plugins, self.plugin] if p},
+            **{f"plugin-{p.pod_uid}": p.process for p in self.plugins},
         }
         state = {
             "workdir": str(self.workdir),
