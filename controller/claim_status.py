@@ -42,6 +42,7 @@ from .apiclient import ApiClient
 from .errors import Forbidden, Invalid
 from .events import WARNING, event_name, event_object, fingerprint, record_event
 from .informer import Informer
+from .names import DRIVER_NAME, FIELD_MANAGER
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
 from .slices import parse_quantity
@@ -49,8 +50,7 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-DRIVER = "nx.device.power.ibm.com"
-FIELD_MANAGER = "power-dra-driver"
+DRIVER = DRIVER_NAME
 CREDITS = "credits"
 
 READY = "Ready"

@@ -44,15 +44,14 @@ import anyio.abc
 from .apiclient import ApiClient
 from .config import ConfigFileError, check_keys, covers, load_yaml_file
 from .informer import Informer
+from .names import DRIVER_NAME, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
-from .slices import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-DRIVER = "nx.device.power.ibm.com"
-FIELD_MANAGER = "power-dra-driver"
+DRIVER = DRIVER_NAME
 CLASS_LABELS: Mapping[str, str] = {
     "app.kubernetes.io/name": "power-dra-driver",
     MANAGED_BY_LABEL: MANAGED_BY_VALUE,

@@ -43,13 +43,12 @@ import anyio.abc
 from .apiclient import ApiClient
 from .config import ConfigFileError, check_keys, covers, load_yaml_file
 from .informer import Informer
+from .names import FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .resources import DAEMONSETS
-from .slices import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-FIELD_MANAGER = "power-dra-driver"
 COMPONENT = "kubeletplugin"
 SELECTOR_LABELS: Mapping[str, str] = {
     "app.kubernetes.io/name": "power-dra-driver",

@@ -29,12 +29,13 @@ import anyio.abc
 from .apiclient import ApiClient
 from .errors import NotFound
 from .informer import Informer
+from .names import DRIVER_NAME
 from .resources import NODES, resource_kinds
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-DRIVER = "nx.device.power.ibm.com"
+DRIVER = DRIVER_NAME
 DEFAULT_ORPHAN_GRACE = 60.0
 
 Obj = dict[str, Any]

@@ -34,12 +34,13 @@ from typing import Any
 
 from controller.resources import RESOURCE_GROUP
 
+from .names import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+
 # Kubernetes objects travel as plain JSON dicts.
 JsonObject = dict[str, Any]
 
+
 API_VERSIONS = ("v1", "v1beta2", "v1beta1")
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY_VALUE = "power-dra-driver"
 SLICE_LABELS: Mapping[str, str] = MappingProxyType({MANAGED_BY_LABEL: MANAGED_BY_VALUE})
 # Upper bound the API server enforces on devices per slice (ResourceSliceMaxDevices;
 # 64 once taints, counters or list attributes are used, none of which we publish).

@@ -23,6 +23,7 @@ import orjson
 
 from controller.flags import add_common_flags, add_flag, parse_duration
 from controller.logs import setup_logging
+from controller.names import DRIVER_NAME, DRIVER_VERSION
 from controller.slices import API_VERSIONS, build_pool_slices
 
 from .devices import DeviceOptions, build_devices
@@ -30,8 +31,6 @@ from .discovery import Inventory, discover
 
 log = logging.getLogger("kubeletplugin")
 
-DRIVER_NAME = "nx.device.power.ibm.com"
-DRIVER_VERSION = "0.1.0"
 DEVICE_PATH = "/dev/crypto/nx-gzip"
 
 

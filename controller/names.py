@@ -1,0 +1,10 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Names both processes share: the driver, our field manager, our label."""
+
+from __future__ import annotations
+
+DRIVER_NAME = "nx.device.power.ibm.com"
+DRIVER_VERSION = "0.1.0"
+FIELD_MANAGER = "power-dra-driver"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "power-dra-driver"
