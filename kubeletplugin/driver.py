@@ -103,6 +103,7 @@ class NxDriver:
         concurrency: int = 32,
     ) -> None:
         self._client = client
+        self._devices_settled: anyio.Event | None = None
         self._client_ready = anyio.Event()
         if client is not None:
             self._client_ready.set()
@@ -122,9 +123,15 @@ class NxDriver:
 
     # --- start-up ----------------------------------------------------------------
 
-    def set_client(self, client: ApiClient) -> None:
-        """Hand over the API client once it exists (the sockets come up before it)."""
+    def set_client(self, client: ApiClient, devices_settled: anyio.Event | None = None) -> None:
+        """Hand over the API client once it exists (the sockets come up before it).
+
+        `devices_settled` is set once the node's devices are final for this run
+        (the slice is published, after any fall-back to slot mode): until then a
+        claim's device cannot be checked against the inventory.
+        """
         self._client = client
+        self._devices_settled = devices_settled
         self._client_ready.set()
 
     def load_state(self) -> list[str]:
@@ -244,6 +251,9 @@ class NxDriver:
         problem = check_claim(claim, ref)
         if problem:
             raise ClaimError(problem)
+        if self._devices_settled is not None and not self._devices_settled.is_set():
+            with anyio.fail_after(PREPARE_DEADLINE):
+                await self._devices_settled.wait()
         return build_prepared_claim(claim, self.driver, self.node_name, self._device_names())
 
     async def _get_claim(self, ref: ClaimRef) -> dict[str, Any]:

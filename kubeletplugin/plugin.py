@@ -133,7 +133,7 @@ async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: 
         inventory=view.inventory,
     )
     view.publisher = publisher
-    driver.set_client(client)
+    driver.set_client(client, devices_settled=publisher.published)
     registry = Registry()
     _register_metrics(registry, driver, publisher)
     try:
