@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 SRC := controller kubeletplugin proto_gen tests hack bench
 
 .PHONY: all venv deps test lint typecheck proto proto-check pytest k8s-bins tools \
-        cluster-up cluster-down demo bench clean
+        cluster-up cluster-down node-up node-down dev-setup dev-teardown demo bench clean
 
 all: test
 
@@ -54,6 +54,19 @@ cluster-up: venv k8s-bins
 
 cluster-down: venv
 	$(PY) -m tests.harness.cluster down
+
+# A real node (kubelet + containerd with CDI + our plugin) in a private mount namespace.
+node-up: venv k8s-bins
+	hack/fetch-containerd.sh >/dev/null
+	$(PY) -m tests.harness.node up
+
+node-down: venv
+	$(PY) -m tests.harness.node down
+
+# The local development cluster: control plane + a real node running our plugin.
+dev-setup: node-up
+
+dev-teardown: node-down
 
 demo: venv k8s-bins
 	$(PY) -m tests.harness.demo

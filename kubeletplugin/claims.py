@@ -42,6 +42,13 @@ SOURCE_FROM_CLAIM = "FromClaim"
 # end with a letter or digit). Kubernetes UIDs are UUIDs; anything outside
 # this set is refused rather than escaped.
 _SAFE_UID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,126}[A-Za-z0-9])?")
+# What the API server accepts as a namespace (DNS-1123 label) and as a
+# ResourceClaim name (DNS-1123 subdomain, at most 253 characters).
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(
+    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+)
+MAX_NAME_LENGTH = 253
 
 
 class ClaimError(ValueError):
@@ -164,6 +171,13 @@ def _str_tuple(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters, for messages: a request can carry megabytes."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def validate_claim_uid(uid: str) -> None:
     """Refuse a claim UID that is unsafe in a file name or CDI device name.
 
@@ -175,8 +189,33 @@ def validate_claim_uid(uid: str) -> None:
     """
     if not isinstance(uid, str) or not _SAFE_UID.fullmatch(uid):
         raise ClaimError(
-            f"claim UID {uid!r} is not a safe token (letters, digits, '-', '_'; "
+            f"claim UID {clip(str(uid))!r} is not a safe token (letters, digits, '-', '_'; "
             "at most 128): refusing to use it in file names"
+        )
+
+
+def validate_claim_ref(ref: ClaimRef) -> None:
+    """Refuse a claim reference that cannot name a ResourceClaim.
+
+    Besides the UID (see `validate_claim_uid`), the namespace must be a
+    DNS-1123 label and the name a DNS-1123 subdomain, as the API server
+    demands: they go into an API URL path, where "/", "?" or "" would make
+    the plugin read something else than the claim.
+
+    Raises:
+        ClaimError: naming the field that is wrong.
+    """
+    validate_claim_uid(ref.uid)
+    label = f"{clip(ref.namespace)}/{clip(ref.name)}"
+    if not _DNS_LABEL.fullmatch(ref.namespace):
+        raise ClaimError(
+            f"claim {label} (uid {ref.uid}): namespace {clip(ref.namespace)!r} is not a "
+            "Kubernetes namespace name (lower-case letters, digits, '-'; at most 63)"
+        )
+    if len(ref.name) > MAX_NAME_LENGTH or not _DNS_SUBDOMAIN.fullmatch(ref.name):
+        raise ClaimError(
+            f"claim {label} (uid {ref.uid}): name {clip(ref.name)!r} is not a ResourceClaim "
+            f"name (lower-case letters, digits, '-', '.'; at most {MAX_NAME_LENGTH})"
         )
 
 

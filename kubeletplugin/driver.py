@@ -49,6 +49,7 @@ from .claims import (
     PreparedClaim,
     build_prepared_claim,
     check_claim,
+    validate_claim_ref,
     validate_claim_uid,
 )
 from .grpc_service import ClaimPrepareResult, DeviceHealth, PreparedDeviceInfo
@@ -192,7 +193,7 @@ class NxDriver:
         async def one(ref: ClaimRef) -> None:
             async with self._limit:
                 try:
-                    validate_claim_uid(ref.uid)
+                    validate_claim_ref(ref)
                     known = self.claims.get(ref.uid)
                     decided[ref.uid] = known if known is not None else await self._decide(ref)
                 except ClaimError as exc:

@@ -37,7 +37,7 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server
 
-from kubeletplugin.claims import ClaimRef
+from kubeletplugin.claims import ClaimRef, clip
 from proto_gen.generated import pluginregistration as registration_api
 from proto_gen.generated import v1 as health_v1
 from proto_gen.generated import v1alpha1 as health_v1alpha1
@@ -62,6 +62,9 @@ SUPPORTED_SERVICES = (
 )
 # Shortest time between two health lists on one stream.
 MIN_HEALTH_INTERVAL = 0.1
+# Longest status message we send: it travels in an HTTP/2 header, which
+# clients cap (grpc-go at 16 KiB), and encoding a huge one stalls the server.
+MAX_STATUS_MESSAGE = 2000
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -198,7 +201,8 @@ def _claim_refs(method: str, api: Any, claims: list[Any]) -> list[ClaimRef]:
         if not claim.uid:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
-                f"{method}: claim #{i} ({claim.namespace}/{claim.name}) has an empty uid",
+                f"{method}: claim #{i} ({clip(claim.namespace)}/{clip(claim.name)}) "
+                "has an empty uid",
             )
         refs.setdefault(claim.uid, ClaimRef(claim.namespace, claim.uid, claim.name))
     return list(refs.values())
@@ -346,10 +350,12 @@ def _snake_case(method: str) -> str:
 
 def _status_for(method: str, exc: Exception) -> Any:
     if isinstance(exc, GRPCError):
+        if exc.message is not None and len(exc.message) > MAX_STATUS_MESSAGE:
+            return GRPCError(exc.status, clip(exc.message, MAX_STATUS_MESSAGE))
         return exc
     status = Status.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else Status.INTERNAL
     log.error("%s failed", method, exc_info=exc)
-    return GRPCError(status, f"{method}: {type(exc).__name__}: {exc}")
+    return GRPCError(status, clip(f"{method}: {type(exc).__name__}: {exc}", MAX_STATUS_MESSAGE))
 
 
 async def _recv_request(method: str, stream: Any) -> Any:
@@ -360,7 +366,7 @@ async def _recv_request(method: str, stream: Any) -> Any:
     except Exception as exc:
         raise GRPCError(
             Status.INVALID_ARGUMENT,
-            f"{method}: cannot decode request: {type(exc).__name__}: {exc}",
+            f"{method}: cannot decode request: {type(exc).__name__}: {clip(str(exc), 500)}",
         ) from exc
     if request is None:
         raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: request has no message")

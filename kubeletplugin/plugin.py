@@ -38,6 +38,9 @@ class NodeView:
         self._inventory = inventory
         self._options = device_options(args)
         self.publisher: SlicePublisher | None = None
+        # Every device offered during this run: one that disappears (device node
+        # gone) must be reported unhealthy, not silently dropped from the health list.
+        self.known: dict[str, None] = {}
 
     @property
     def inventory(self) -> Inventory:
@@ -49,24 +52,33 @@ class NodeView:
         return build_devices(self._inventory, self._options)
 
 
-def device_health(view: NodeView) -> list[DeviceHealth]:
-    """Health of every published device, from the latest inventory."""
-    inv = view.inventory
-    problem = ""
+def inventory_problem(inv: Inventory) -> str:
+    """Why the node's NX-gzip is unusable now ("" when it is fine)."""
     if not inv.device_node_present:
-        problem = f"device node {DEVICE_PATH} is missing"
-    elif inv.platform is None:
-        problem = "NX-gzip capability is gone from sysfs"
-    elif (
-        inv.credits.total is not None
-        and inv.credits.used is not None
-        and inv.credits.used >= inv.credits.total
-    ):
-        problem = f"all {inv.credits.total} NX-gzip credits are in use"
-    return [
-        DeviceHealth(view.node_name, d.name, healthy=not problem, message=problem)
-        for d in view.devices()
+        return f"device node {DEVICE_PATH} is missing"
+    if inv.platform is None:
+        return "NX-gzip capability is gone from sysfs"
+    total, used = inv.credits.total, inv.credits.used
+    if total is not None and used is not None and used >= total:
+        return f"all {total} NX-gzip credits are in use"
+    return ""
+
+
+def device_health(view: NodeView) -> list[DeviceHealth]:
+    """Health of every device offered in this run, from the latest inventory."""
+    problem = inventory_problem(view.inventory)
+    current = [d.name for d in view.devices()]
+    view.known.update(dict.fromkeys(current))
+    result = [
+        DeviceHealth(view.node_name, name, healthy=not problem, message=problem) for name in current
     ]
+    gone = problem or "device is no longer offered on this node"
+    result += [
+        DeviceHealth(view.node_name, name, healthy=False, message=gone)
+        for name in view.known
+        if name not in current
+    ]
+    return result
 
 
 async def run_plugin(args: argparse.Namespace) -> None:
@@ -93,6 +105,8 @@ async def run_plugin(args: argparse.Namespace) -> None:
     )
     for problem in await anyio.to_thread.run_sync(driver.load_state):
         log.warning("state repaired at start: %s", problem)
+    # The kubelet creates its registry dir when it starts; do not depend on the order.
+    await anyio.Path(args.kubelet_registrar_directory_path).mkdir(parents=True, exist_ok=True)
     sockets = SocketPaths.for_driver(
         DRIVER_NAME,
         registry_dir=Path(args.kubelet_registrar_directory_path),

@@ -422,6 +422,8 @@ class KubeletStandin:
       `("v1beta1",)` plays a kubelet 1.32/1.33.
     - `retry_interval`: pause before a failed prepare is tried again (the
       real kubelet takes 60-90 s).
+    - `handle_pods`: False leaves pods alone (only plugins are registered),
+      for tests that make the DRA calls themselves; may be switched on later.
     - `finalize_deleted_pods`: remove a pod being deleted once its claims are
       unprepared (as the kubelet does after its containers stopped).
 
@@ -439,6 +441,7 @@ class KubeletStandin:
         *,
         api_version_preference: Sequence[str] = DRA_API_VERSIONS,
         retry_interval: float = 5.0,
+        handle_pods: bool = True,
         finalize_deleted_pods: bool = True,
         poll_interval: float = 0.05,
         call_timeout: float = DRA_CALL_TIMEOUT,
@@ -451,6 +454,7 @@ class KubeletStandin:
         self.kubeconfig = kubeconfig
         self.api_versions = tuple(api_version_preference)
         self.retry_interval = retry_interval
+        self.handle_pods = handle_pods
         self.finalize_deleted_pods = finalize_deleted_pods
         self.poll_interval = poll_interval
         self.call_timeout = call_timeout
@@ -581,6 +585,14 @@ class KubeletStandin:
             ),
         )
 
+    def wait_deregistered(self, driver: str, socket: Path | str, timeout: float = 30.0) -> None:
+        """Wait until the registration of `driver` at `socket` is gone."""
+        self._wait(
+            lambda: all(r.socket != Path(socket) for r in self.registrations.get(driver, [])),
+            timeout,
+            lambda: f"driver {driver} still registered at {socket}",
+        )
+
     def wait_prepared(
         self, pod: str, timeout: float = 30.0, *, after: float = 0.0, ok: bool | None = None
     ) -> PodResult:
@@ -599,8 +611,9 @@ class KubeletStandin:
             found,
             timeout,
             lambda: (
-                f"pod {pod} not prepared (waiting: {self.waiting.get(pod, '-')}; "
-                f"latest: {self.prepared.get(pod)})"
+                f"pod {pod} not prepared ("
+                f"{self.waiting.get(pod, 'not bound to this node, or waiting for nothing')}; "
+                f"latest round: {self.prepared.get(pod)}; calls: {self.calls[-3:]})"
             ),
         )
 
@@ -611,7 +624,14 @@ class KubeletStandin:
             result = self.unprepared.get(pod)
             return result if result is not None and result.at >= after else None
 
-        return self._wait(found, timeout, lambda: f"pod {pod} not unprepared")  # type: ignore[no-any-return]
+        return self._wait(  # type: ignore[no-any-return]
+            found,
+            timeout,
+            lambda: (
+                f"pod {pod} not unprepared (latest: {self.unprepared.get(pod)}; "
+                f"calls: {self.calls[-3:]})"
+            ),
+        )
 
     # --- direct calls (for tests) -------------------------------------------------------------
 
@@ -791,6 +811,8 @@ class KubeletStandin:
 
     def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
         assert self._pods is not None
+        if not self.handle_pods:
+            return
         now = time.monotonic()
         pods = {(p.get("metadata") or {}).get("uid"): p for p in self._pods.items()}
         for uid, pod in pods.items():

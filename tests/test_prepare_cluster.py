@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.dra_objects import claim, claim_spec, device_class, pod, template
+from tests.dra_objects import allocate_claims, claim, claim_spec, device_class, pod, template
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import DRIVER, PluginProcess
-from tests.kubelet_standin import ClaimName, KubeletStandin, PodResult
+from tests.kubelet_standin import ClaimName, DraClient, KubeletStandin, PodResult
 
 pytestmark = pytest.mark.cluster
 
@@ -365,3 +366,101 @@ def test_unknown_claims_unprepare_successfully(node: Node) -> None:
     unknown = [ClaimName("nowhere", str(uuid.uuid4()), f"gone-{i}") for i in range(3)]
     answers = node.standin.client(DRIVER).unprepare(unknown)
     assert answers == {c.uid: "" for c in unknown}
+
+
+# --- rolling update: two plugin instances on one node -------------------------------------
+
+
+@dataclass
+class Rolling:
+    cp: ControlPlane
+    node: str
+    old: PluginProcess
+    new: PluginProcess
+    standin: KubeletStandin
+    claims: list[ClaimName]
+
+    def checkpoint_claims(self) -> set[str]:
+        return set(json.loads(self.new.checkpoint.read_text())["claims"])
+
+    def spec_path(self, uid: str) -> Path:
+        return self.new.cdi_root / f"{SPEC_PREFIX}{uid}.json"
+
+
+@pytest.fixture
+def rolling(
+    control_plane: ControlPlane, nx_class: str, short_tmp: Path, ns: str
+) -> Iterator[Rolling]:
+    """The old plugin pod and its replacement serving one node side by side,
+    registered in that order, with 16 claims allocated on the node."""
+    name = f"roll-{uuid.uuid4().hex[:6]}"
+    control_plane.create_node(name)
+    workdir = short_tmp / name
+    old = PluginProcess(control_plane, name, workdir, total_credits=64, pod_uid="old-0")
+    new = PluginProcess(control_plane, name, workdir, total_credits=64, pod_uid="new-1")
+    # The tests make the DRA calls; pods are handled only when a test asks.
+    standin = KubeletStandin(name, old.registry_dir, control_plane.kubeconfig, handle_pods=False)
+    try:
+        old.start()
+        old.wait_for_slices(TIMEOUT)
+        standin.start()
+        standin.wait_registered(DRIVER, TIMEOUT, socket=old.registration_socket)
+        new.start()
+        standin.wait_registered(DRIVER, TIMEOUT, socket=new.registration_socket)
+        claims = allocate_claims(control_plane, ns, name, device_class_name=nx_class, count=16)
+        yield Rolling(control_plane, name, old, new, standin, claims)
+    finally:
+        standin.stop()
+        new.stop()
+        old.stop()
+        control_plane.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def test_two_instances_register_side_by_side_and_the_newest_is_used(
+    rolling: Rolling, ns: str
+) -> None:
+    registered = rolling.standin.registrations[DRIVER]
+    assert [r.endpoint for r in registered] == [rolling.old.dra_socket, rolling.new.dra_socket]
+    rolling.standin.handle_pods = True
+    result = rolling.standin.wait_prepared(f"{ns}/holder", TIMEOUT)
+    assert result.ok, result.errors()
+    [call] = [c for c in rolling.standin.calls if c.method == "NodePrepareResources"]
+    assert call.target == str(rolling.new.dra_socket)
+
+
+def test_checkpoint_holds_claims_prepared_by_both_instances(rolling: Rolling) -> None:
+    halves = {rolling.old: rolling.claims[:8], rolling.new: rolling.claims[8:]}
+    failures: list[BaseException] = []
+
+    def prepare_one_by_one(plugin: PluginProcess, claims: list[ClaimName]) -> None:
+        try:
+            with DraClient(plugin.dra_socket) as client:
+                for c in claims:  # interleaved with the other instance's writes
+                    assert client.prepare([c])[c.uid].error == ""
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=prepare_one_by_one, args=item) for item in halves.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert failures == []
+    assert rolling.checkpoint_claims() == {c.uid for c in rolling.claims}
+    assert all(rolling.spec_path(c.uid).exists() for c in rolling.claims)
+
+
+def test_stopping_the_old_instance_leaves_the_new_one_serving(rolling: Rolling) -> None:
+    claim = rolling.claims[0]
+    with DraClient(rolling.old.dra_socket) as client:
+        first = client.prepare([claim])[claim.uid]
+    rolling.old.stop()
+    assert not rolling.old.registration_socket.exists()
+    assert not rolling.old.dra_socket.exists()
+    rolling.standin.wait_deregistered(DRIVER, rolling.old.registration_socket, TIMEOUT)
+    assert [r.endpoint for r in rolling.standin.registrations[DRIVER]] == [rolling.new.dra_socket]
+    with DraClient(rolling.new.dra_socket) as client:
+        assert client.prepare([claim])[claim.uid] == first
+        assert client.unprepare([claim]) == {claim.uid: ""}
+    assert not rolling.spec_path(claim.uid).exists()
+    assert claim.uid not in rolling.checkpoint_claims()

@@ -323,22 +323,27 @@ def test_unsafe_uid_fails_that_claim_and_writes_nothing(target: Target, uid: str
 
 
 @pytest.mark.parametrize(
-    "namespace,name",
+    "namespace,name,problem",
     [
-        ("nowhere", "a/../../../../api/v1/namespaces/kube-system/secrets/x"),
-        ("nowhere", "x?watch=1"),
-        ("a/b", "x"),
-        ("", "x"),
-        ("nowhere", ""),
+        ("nowhere", "a/../../../../api/v1/namespaces/kube-system/secrets/x", "name"),
+        ("nowhere", "x?watch=1", "name"),
+        ("nowhere", "", "name"),
+        ("nowhere", "Upper", "name"),
+        ("nowhere", "x" * 254, "name"),
+        ("a/b", "x", "namespace"),
+        ("", "x", "namespace"),
     ],
 )
-def test_claim_name_that_is_not_a_kubernetes_name_fails_alone(
-    target: Target, namespace: str, name: str
+def test_claim_reference_that_is_not_a_kubernetes_name_fails_alone(
+    target: Target, namespace: str, name: str, problem: str
 ) -> None:
     bad = ClaimName(namespace, str(uuid.uuid4()), name)
     with DraClient(target.plugin.dra_socket) as client:
         answers = client.prepare([bad, target.claim], timeout=CALL_TIMEOUT)
-    assert answers[bad.uid].error
+    expected = (
+        "is not a ResourceClaim name" if problem == "name" else "is not a Kubernetes namespace"
+    )
+    assert expected in answers[bad.uid].error
     assert answers[bad.uid].devices == ()
     assert answers[target.claim.uid] == target.answer
     target.assert_serving()

@@ -287,6 +287,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={self.sa_key}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--endpoint-reconciler-type=none",
+            # Nodes are reached by their InternalIP for exec/logs (names do not resolve here).
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             f"--kubelet-client-certificate={self.kubelet_client_cert}",
             f"--kubelet-client-key={self.kubelet_client_key}",
             f"--requestheader-client-ca-file={self.front_proxy_ca}",

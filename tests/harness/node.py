@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from tests.fake_sysfs import make_powervm_tree
+from tests.fake_sysfs import VAS_GZIP_DIR, make_powervm_tree, write_sysfs_file
 
 from .cluster import REPO, ControlPlane, Process, ensure_binaries, free_port
 from .images import BUSYBOX_IMAGE, PAUSE_IMAGE, build_test_images, find_static_busybox
@@ -88,6 +88,34 @@ WATCHED_HOST_PATHS = (
 # Paths the namespace covers with its own mounts; the workdir may not be under them.
 COVERED = ("/dev", "/run", "/var/run", "/var/lib", "/var/log", "/proc", "/sys")
 DEFAULT_CREDITS = 4  # shared mode publishes 4 - 1 reserved = 3 credits
+
+
+# `kubectl exec/logs` go from the API server to the kubelet, which it dials at the
+# node's Hostname address first by default ("node-0": no DNS knows it).
+
+
+def allow_kubelet_api_access(cp: ControlPlane) -> None:
+    """Let the API server's kubelet client certificate use the kubelet API (as kubeadm
+    does): the kubelet authorizes it with a SubjectAccessReview (webhook authz)."""
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "power-dra-test:apiserver-kubelet-client"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:kubelet-api-admin",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "User",
+                    "name": "kube-apiserver-kubelet-client",
+                }
+            ],
+        }
+    )
 
 
 # --- requirements -------------------------------------------------------------------
@@ -182,11 +210,16 @@ def _cgroup_dirs() -> set[str]:
 
 def _iptables() -> dict[str, str]:
     rules = {}
-    for tool in ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+    for tool in (
+        "iptables-save",
+        "ip6tables-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ):
         path = shutil.which(tool)
         if path:
             out = subprocess.run([path], capture_output=True, text=True)
-            # Comment lines carry the time of the dump; counters are zeroed by -c absence.
+            # Comment lines carry the time of the dump (and without -c, no counters).
             rules[tool] = "\n".join(
                 line for line in out.stdout.splitlines() if not line.startswith("#")
             )
@@ -211,6 +244,7 @@ def host_state() -> dict[str, Any]:
         "mounts": sorted(m for m, _ in _mountinfo()),
         "cgroups": sorted(_cgroup_dirs()),
         "paths": {p: _describe(p) for p in WATCHED_HOST_PATHS},
+        "sysctl": {t: (Path("/proc/sys") / t).read_text().strip() for t in KERNEL_TUNABLES},
     }
 
 
@@ -228,10 +262,11 @@ def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     new_cgroups = sorted(set(after["cgroups"]) - set(before["cgroups"]))
     if new_cgroups:
         changes.append(f"new cgroups {new_cgroups}")
-    for path, was in before["paths"].items():
-        now = after["paths"].get(path)
-        if now != was:
-            changes.append(f"{path}: {was} -> {now}")
+    for kind in ("paths", "sysctl"):
+        for key, was in before[kind].items():
+            now = after[kind].get(key)
+            if now != was:
+                changes.append(f"{key}: {was} -> {now}")
     return changes
 
 
@@ -400,7 +435,9 @@ class NodePlugin(PluginProcess):
         self.cdi_root = node.cdi_dir
 
     def argv(self) -> list[str]:
-        return self.node.ns.argv(
+        ns = self.node.ns
+        assert ns is not None, "the node's namespace is not up"
+        return ns.argv(
             [
                 sys.executable,
                 "-m",
@@ -461,9 +498,7 @@ class Api:
         self.token = cp.tokens["admin"]
         self.ssl = ssl.create_default_context(cafile=str(cp.ca_file))
 
-    def request(
-        self, method: str, path: str, body: Any = None, timeout: float = 10.0
-    ) -> Any:
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.server + path,
@@ -547,6 +582,7 @@ class RealNode:
         self.host_before: dict[str, Any] = {}
         self.kubelet_port = 0
         self.ip = ""
+        self.ready_at = 0.0  # time.monotonic() when wait_ready last returned
 
     # --- start -------------------------------------------------------------------------
 
@@ -603,9 +639,11 @@ class RealNode:
         assert self.ns is not None
         w = self.workdir
         dev_submounts = sorted(
-            m[len("/dev/") :]
-            for m, _ in _mountinfo()
-            if m.startswith("/dev/") and m.count("/") == 2
+            {
+                m[len("/dev/") :]
+                for m, _ in _mountinfo()
+                if m.startswith("/dev/") and m.count("/") == 2
+            }
         )
         lines = [
             "set -eu",
@@ -848,13 +886,16 @@ disabled_plugins = [
             if kubelet is not None and not kubelet.alive():
                 raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
             node = self.api.get(f"/api/v1/nodes/{self.name}")
-            conds = {c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])}
+            conds = {
+                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
+            }
             return conds.get("Ready") == "True"
 
         wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
         assert self.plugin is not None
         self.plugin.wait_registered(timeout)
         wait_for("our ResourceSlice", self.slices, timeout, 0.05)
+        self.ready_at = time.monotonic()
 
     # --- observation ----------------------------------------------------------------------
 
@@ -881,6 +922,21 @@ disabled_plugins = [
 
     def cdi_specs(self) -> list[str]:
         return sorted(p.name for p in self.cdi_dir.iterdir() if p.suffix in (".json", ".yaml"))
+
+    def remove_device_node(self) -> None:
+        """The NX-gzip device node vanishes (module unloaded, DLPAR)."""
+        assert self.ns is not None
+        self.ns.run(["rm", "-f", "/dev/crypto/nx-gzip"])
+
+    def create_device_node(self) -> None:
+        assert self.ns is not None
+        self.ns.run(["mknod", "-m", "666", "/dev/crypto/nx-gzip", "c", "1", "3"])
+
+    def set_used_credits(self, used: int) -> None:
+        """What the kernel reports as credits in use (all in use: the device is unhealthy)."""
+        write_sysfs_file(
+            self.sysfs_root, f"{VAS_GZIP_DIR}/default_capabilities/nr_used_credits", used
+        )
 
     # --- node events ----------------------------------------------------------------------
 
@@ -999,8 +1055,10 @@ def _up(directory: Path) -> None:
     ).exists():
         _down(directory)
     shutil.rmtree(directory, ignore_errors=True)
-    cp = ControlPlane(directory / "control-plane").start()
+    cp = ControlPlane(directory / "control-plane")
+    cp.start()
     try:
+        allow_kubelet_api_access(cp)
         cp.apply(yaml.safe_load((REPO / "manifests" / "base" / "deviceclass.yaml").read_text()))
         node = RealNode(cp, directory / "node").start()
     except BaseException:
@@ -1014,14 +1072,17 @@ def _up(directory: Path) -> None:
 
 
 def _down(directory: Path) -> None:
+    """Stop what `_up` started in `directory`; also takes a node's own workdir (e.g.
+    a test's real-node dir left behind by a killed pytest)."""
     from .cluster import _down as cluster_down
 
-    state_file = directory / "node" / "node-state.json"
     changes: list[str] = []
-    if state_file.exists():
-        changes = down_from_state(state_file)
-        print("node stopped")
-    cluster_down(directory / "control-plane")
+    for state_file in (directory / "node" / "node-state.json", directory / "node-state.json"):
+        if state_file.exists():
+            changes = down_from_state(state_file)
+            print(f"node stopped ({state_file.parent})")
+    if (directory / "control-plane").exists():
+        cluster_down(directory / "control-plane")
     if changes:
         print("the host differs from before the node:\n  " + "\n  ".join(changes))
         raise SystemExit(1)

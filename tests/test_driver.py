@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: Apache-2.0
+"""NxDriver on real files, without an API server: start-up repair of the
+state directory, and the prepare/unprepare paths that need no API call
+(claims already in the checkpoint, claim references refused up front)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
+from kubeletplugin.checkpoint import read_boot_id, save_checkpoint
+from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
+from kubeletplugin.driver import DriverPaths, NxDriver
+
+DRIVER = "nx.device.power.ibm.com"
+NODE = "node-a"
+UID = "0b5a6c1e-94c1-4f5e-9d43-6e0f7f2c1a77"
+OTHER_UID = "5d0c3b58-2f1e-4a5b-8c9d-0e1f2a3b4c5d"
+
+
+def prepared(uid: str, name: str = "claim") -> PreparedClaim:
+    return PreparedClaim(
+        uid=uid,
+        namespace="ns",
+        name=name,
+        devices=(
+            PreparedDevice(
+                request_names=("nx",),
+                pool_name=NODE,
+                device_name="nx-gzip",
+                cdi_device_ids=(cdi_device_id(uid, "nx-gzip"),),
+                credits=1,
+                env={"NX_DRA_CREDITS": "1"},
+            ),
+        ),
+    )
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> DriverPaths:
+    p = DriverPaths(plugin_dir=tmp_path / "plugin", cdi_root=tmp_path / "cdi")
+    p.plugin_dir.mkdir()
+    p.cdi_root.mkdir()
+    return p
+
+
+def new_driver(paths: DriverPaths) -> NxDriver:
+    # No API client: every test here must get by without one.
+    return NxDriver(
+        None,
+        driver=DRIVER,
+        node_name=NODE,
+        paths=paths,
+        device_names=lambda: {"nx-gzip"},
+        health=list,
+    )
+
+
+def with_prepared(paths: DriverPaths, *claims: PreparedClaim) -> NxDriver:
+    """A started driver whose checkpoint and specs hold `claims`."""
+    save_checkpoint(paths.checkpoint, {c.uid: c for c in claims}, read_boot_id())
+    for c in claims:
+        write_claim_spec(paths.cdi_root, claim_spec(c), c.uid)
+    driver = new_driver(paths)
+    assert driver.load_state() == []
+    return driver
+
+
+def spec_path(paths: DriverPaths, uid: str) -> Path:
+    return paths.cdi_root / spec_file_name(uid)
+
+
+def checkpoint_uids(paths: DriverPaths) -> set[str]:
+    return set(json.loads(paths.checkpoint.read_text())["claims"])
+
+
+# --- start-up ---------------------------------------------------------------------------
+
+
+def test_start_removes_temporary_files_of_interrupted_writes(paths: DriverPaths) -> None:
+    partial = [
+        paths.plugin_dir / ".checkpoint.json.k2j4l1.tmp",
+        paths.cdi_root / f".{spec_file_name(UID)}.x8d7f0.tmp",
+    ]
+    foreign = paths.cdi_root / ".vendor.com-gpu_abc.json.a1b2c3.tmp"
+    for p in [*partial, foreign]:
+        p.write_bytes(b'{"half')
+    new_driver(paths).load_state()
+    assert [p for p in partial if p.exists()] == []
+    assert foreign.exists()  # another driver's write in progress
+
+
+def test_start_removes_a_spec_the_checkpoint_does_not_know(paths: DriverPaths) -> None:
+    write_claim_spec(paths.cdi_root, claim_spec(prepared(UID)), UID)
+    problems = new_driver(paths).load_state()
+    assert not spec_path(paths, UID).exists()
+    assert any(UID in p and "not in the checkpoint" in p for p in problems)
+
+
+def test_start_recreates_the_missing_spec_of_a_checkpointed_claim(paths: DriverPaths) -> None:
+    claim = prepared(UID)
+    save_checkpoint(paths.checkpoint, {UID: claim}, read_boot_id())
+    new_driver(paths).load_state()
+    assert json.loads(spec_path(paths, UID).read_text()) == claim_spec(claim)
+
+
+# --- prepare and unprepare without the API -------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_prepare_of_a_checkpointed_claim_answers_from_the_checkpoint(
+    paths: DriverPaths,
+) -> None:
+    driver = with_prepared(paths, prepared(UID))
+    results = await driver.prepare_claims([ClaimRef("ns", UID, "claim")])
+    assert results[UID].error == ""
+    assert [d.cdi_device_ids for d in results[UID].devices] == [[cdi_device_id(UID, "nx-gzip")]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "namespace,name,message",
+    [
+        ("ns", "", "is not a ResourceClaim name"),
+        ("ns", "a/../../secrets/x", "is not a ResourceClaim name"),
+        ("ns", "x" * 300, "is not a ResourceClaim name"),
+        ("a/b", "claim", "is not a Kubernetes namespace name"),
+    ],
+)
+async def test_claim_reference_the_api_cannot_have_fails_alone(
+    paths: DriverPaths, namespace: str, name: str, message: str
+) -> None:
+    driver = with_prepared(paths, prepared(UID))
+    results = await driver.prepare_claims(
+        [ClaimRef("ns", UID, "claim"), ClaimRef(namespace, OTHER_UID, name)]
+    )
+    assert results[UID].error == ""
+    assert message in results[OTHER_UID].error
+    assert len(results[OTHER_UID].error) < 500
+    assert not spec_path(paths, OTHER_UID).exists()
+
+
+@pytest.mark.anyio
+async def test_unprepare_removes_checkpoint_entry_and_spec(paths: DriverPaths) -> None:
+    driver = with_prepared(paths, prepared(UID), prepared(OTHER_UID, "other"))
+    assert await driver.unprepare_claims([ClaimRef("ns", UID, "claim")]) == {UID: ""}
+    assert checkpoint_uids(paths) == {OTHER_UID}
+    assert not spec_path(paths, UID).exists()
+    assert spec_path(paths, OTHER_UID).exists()
+
+
+@pytest.mark.anyio
+async def test_unprepare_of_an_unknown_claim_succeeds(paths: DriverPaths) -> None:
+    driver = with_prepared(paths, prepared(UID))
+    assert await driver.unprepare_claims([ClaimRef("ns", OTHER_UID, "gone")]) == {OTHER_UID: ""}
+    assert checkpoint_uids(paths) == {UID}
+
+
+@pytest.mark.anyio
+async def test_unprepare_refuses_an_unsafe_uid_and_touches_nothing(paths: DriverPaths) -> None:
+    driver = with_prepared(paths, prepared(UID))
+    before = sorted(p.name for p in paths.cdi_root.iterdir())
+    errors = await driver.unprepare_claims([ClaimRef("ns", "../plugin/checkpoint", "x")])
+    assert "is not a safe token" in errors["../plugin/checkpoint"]
+    assert sorted(p.name for p in paths.cdi_root.iterdir()) == before
+    assert checkpoint_uids(paths) == {UID}

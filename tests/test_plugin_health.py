@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Device health the plugin streams to the kubelet, as a pure function of the inventory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kubeletplugin.discovery import discover
+from kubeletplugin.main import build_parser
+from kubeletplugin.plugin import NodeView, device_health
+from tests.fake_sysfs import make_powervm_tree, write_dev_node
+
+
+def _view(tmp_path: Path, *, total: int = 8, used: int = 0, dev: bool = True) -> NodeView:
+    sysfs = make_powervm_tree(tmp_path / "sys", total_credits=total, used_credits=used)
+    if dev:
+        write_dev_node(tmp_path / "hostdev")
+    inventory = discover(sysfs, tmp_path / "hostdev" / "dev" / "crypto" / "nx-gzip")
+    args = build_parser().parse_args(["--node-name", "n1", "--sysfs-root", str(sysfs)])
+    return NodeView("n1", inventory, args)
+
+
+def test_a_usable_device_is_healthy(tmp_path: Path) -> None:
+    health = device_health(_view(tmp_path))
+    assert [(h.device_name, h.healthy) for h in health] == [("nx-gzip", True)]
+
+
+def test_all_credits_in_use_is_unhealthy_with_a_reason(tmp_path: Path) -> None:
+    (h,) = device_health(_view(tmp_path, total=8, used=8))
+    assert h.healthy is False
+    assert "all 8 NX-gzip credits are in use" in h.message
+
+
+def test_a_device_whose_node_vanished_stays_listed_as_unhealthy(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    assert device_health(view)[0].healthy is True
+    gone = _view(tmp_path / "after", dev=False)
+    view._inventory = gone._inventory  # the next discovery finds no device node
+    (h,) = device_health(view)
+    assert (h.device_name, h.healthy) == ("nx-gzip", False)
+    assert "/dev/crypto/nx-gzip is missing" in h.message
