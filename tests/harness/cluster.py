@@ -395,16 +395,30 @@ class ControlPlane:
                 self._wait_component_healthy(name)
         self._write_state()
 
-    def start(self) -> ControlPlane:
-        """Start everything; return self when the API server and components are ready."""
-        try:
-            self._prepare()
-            self._start_etcd()
-            self.start_apiserver()
-            self.ensure_components()
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, attempts: int = 3) -> ControlPlane:
+        """Start everything; return self when the API server and components are ready.
+
+        A port picked free can be taken by another process before our server binds
+        it; then everything starts again on new ports.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._prepare()
+                self._start_etcd()
+                self.start_apiserver()
+                self.ensure_components()
+                return self
+            except RuntimeError as exc:
+                self.stop()
+                if "address already in use" not in str(exc) or attempt == attempts:
+                    raise
+                self.processes.clear()
+                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+                self.port = free_port()
+                self.server = f"https://127.0.0.1:{self.port}"
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _write_state(self) -> None:
