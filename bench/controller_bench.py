@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.plugin_bench import pct, rss_mib
+from bench.plugin_bench import claim_obj, pct, rss_mib
 from controller.apiclient import ApiClient
 from controller.kubeconfig import load_cluster_config
 from controller.resources import NODES, resource_kinds
@@ -84,15 +84,6 @@ async def populate(api: ApiClient, nodes: int, claims: int, offset: int) -> None
 
     await gather_limited(32, (node(i) for i in range(offset, nodes)))
     await gather_limited(32, (claim(i) for i in range(claims)))
-
-
-def claim_obj(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"devices": {"requests": [{"name": "nx", "exactly": {"deviceClassName": DRIVER}}]}},
-    }
 
 
 def ours(claim: dict[str, Any]) -> bool:

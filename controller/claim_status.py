@@ -38,6 +38,7 @@ import anyio
 import anyio.abc
 import orjson
 
+from .allocation import driver_opaque_configs, driver_results
 from .apiclient import ApiClient
 from .errors import Forbidden, Invalid
 from .events import WARNING, event_name, event_object, fingerprint, record_event
@@ -67,19 +68,9 @@ Obj = dict[str, Any]
 DeviceKey = tuple[str, str, str, str]  # driver, pool, device, shareID ("" when none)
 
 
-def _allocation_devices(claim: Mapping[str, Any]) -> Mapping[str, Any]:
-    allocation = (claim.get("status") or {}).get("allocation") or {}
-    devices = allocation.get("devices") or {}
-    return devices if isinstance(devices, Mapping) else {}
-
-
 def our_results(claim: Mapping[str, Any], driver: str = DRIVER) -> list[Obj]:
     """The allocation results of `driver`, in allocation order."""
-    return [
-        r
-        for r in _allocation_devices(claim).get("results") or []
-        if isinstance(r, dict) and r.get("driver") == driver
-    ]
+    return driver_results(claim, driver)
 
 
 def involves_driver(claim: Mapping[str, Any] | None, driver: str = DRIVER) -> bool:
@@ -116,12 +107,7 @@ def config_problem(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None
     refuses the whole claim otherwise. The message names the config entry,
     where it came from and the field.
     """
-    for index, entry in enumerate(_allocation_devices(claim).get("config") or []):
-        if not isinstance(entry, Mapping):
-            continue
-        opaque = entry.get("opaque")
-        if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
-            continue
+    for index, entry, opaque in driver_opaque_configs(claim, driver):
         try:
             decode_nx_config(opaque.get("parameters"))
         except NxConfigError as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
+from controller.allocation import allocation_devices, driver_opaque_configs, driver_results
 from controller.nxconfig import (
     NxConfig,
     NxConfigError,
@@ -234,13 +235,6 @@ def _claim_label(claim: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
-def _allocation_devices(claim: Mapping[str, Any]) -> Mapping[str, Any]:
-    status = claim.get("status") or {}
-    allocation = status.get("allocation") or {}
-    devices = allocation.get("devices") or {}
-    return devices if isinstance(devices, Mapping) else {}
-
-
 def check_claim(claim: Mapping[str, Any], ref: ClaimRef) -> str | None:
     """Why the claim read from the API cannot be prepared for `ref`, or None.
 
@@ -267,12 +261,7 @@ def our_results(claim: Mapping[str, Any], driver: str, pool: str) -> list[dict[s
     Results of other drivers (a claim may mix drivers) and other pools are
     skipped.
     """
-    results = _allocation_devices(claim).get("results") or []
-    return [
-        r
-        for r in results
-        if isinstance(r, dict) and r.get("driver") == driver and r.get("pool") == pool
-    ]
+    return driver_results(claim, driver, pool)
 
 
 @dataclass(frozen=True)
@@ -290,12 +279,7 @@ def _our_configs(claim: Mapping[str, Any], driver: str) -> list[_OpaqueConfig]:
     class's.
     """
     found: list[_OpaqueConfig] = []
-    for index, entry in enumerate(_allocation_devices(claim).get("config") or []):
-        if not isinstance(entry, Mapping):
-            continue
-        opaque = entry.get("opaque")
-        if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
-            continue
+    for index, entry, opaque in driver_opaque_configs(claim, driver):
         requests = entry.get("requests") or []
         found.append(
             _OpaqueConfig(
@@ -429,7 +413,7 @@ def build_prepared_claim(
         pools = sorted(
             {
                 str(r.get("pool"))
-                for r in _allocation_devices(claim).get("results") or []
+                for r in allocation_devices(claim).get("results") or []
                 if isinstance(r, Mapping) and r.get("driver") == driver
             }
         )
