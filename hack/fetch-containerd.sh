@@ -15,7 +15,17 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 cache="${CONTAINERD_CACHE_DIR:-$root/.cache/containerd}"
 suite="${CONTAINERD_DEBIAN_SUITE:-trixie}"
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The mirror is the one this machine's apt already uses (DEBIAN_MIRROR overrides).
+mirror="${DEBIAN_MIRROR:-}"
+if [ -z "$mirror" ]; then
+  mirror="$(grep -hE '^(deb |URIs:)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security \
+    | grep -oE 'https?://[^ ]+' | head -1 || true)"
+fi
+if [ -z "$mirror" ]; then
+  echo "no Debian mirror in the system's apt sources; set DEBIAN_MIRROR" >&2
+  exit 1
+fi
 keyring="${CONTAINERD_DEBIAN_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}"
 out="$cache/root"
 
