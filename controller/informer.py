@@ -44,12 +44,21 @@ def _rv(obj: Obj | None) -> str | None:
     return str(rv) if rv is not None else None
 
 
+def strip_managed_fields(obj: Obj) -> Obj:
+    """Drop `metadata.managedFields` (often half an object's size; reconcilers never
+    read it) before an object enters a cache."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
+
+
 def diff_relist(cache: dict[str, Obj], items: Iterable[Obj]) -> list[Change]:
     """Replace the cache with a fresh list; return the changes it implies.
 
     Objects whose resourceVersion did not change produce no change.
     """
-    fresh: dict[str, Obj] = {object_key(o): o for o in items}
+    fresh: dict[str, Obj] = {object_key(o): strip_managed_fields(o) for o in items}
     changes: list[Change] = []
     for key, obj in fresh.items():
         old = cache.get(key)
@@ -72,7 +81,7 @@ def apply_watch_event(cache: dict[str, Obj], event: Obj) -> Change | None:
     if kind in ("ADDED", "MODIFIED"):
         if old is not None and _rv(old) == _rv(obj):
             return None
-        cache[key] = obj
+        cache[key] = strip_managed_fields(obj)
         return Change(key, old, obj)
     if kind == "DELETED":
         cache.pop(key, None)

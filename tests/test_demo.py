@@ -1,21 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`make demo` runs in CI: it must finish and show shared NX-gzip working."""
+"""`make demo` runs in CI: it must finish and show shared NX-gzip working.
+
+Where this machine can run a real node, the demo's pods really start on two
+real nodes and a container shows the device node and its environment; a
+second run checks the fallback (`--fake-nodes`: the demo plays the kubelet).
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from tests.harness.cluster import REPO
+from tests.harness.node import missing_requirements
 
 pytestmark = pytest.mark.cluster
 
 
-def test_demo_shares_nx_gzip_between_pods_and_reports_status() -> None:
+def run_demo(*args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.harness.demo"],
+        [sys.executable, "-m", "tests.harness.demo", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -23,11 +30,52 @@ def test_demo_shares_nx_gzip_between_pods_and_reports_status() -> None:
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    prepared = [line for line in out.splitlines() if line.rstrip().endswith("prepared")]
+    assert "ERROR" not in out, out
+    return out
+
+
+def assert_shared_and_reported(out: str, done: str) -> None:
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(f"  {done}")]
+    assert len(rows) == 8, out  # every example pod (5 objects, 8 pods) got its credits
     # Three pods of one Deployment share one node's single nx-gzip device.
-    shared = [line for line in prepared if "nx-shared-node" in line]
-    assert len(shared) == 3 and len({line.split()[0] for line in shared}) == 1
-    assert "ERROR" not in out
+    shared = [line for line in rows if "nx-shared-node" in line]
+    assert len(shared) == 3 and len({line.split()[0] for line in shared}) == 1, out
+    four = [line for line in rows if " nx-4-credits " in line]
+    assert len(four) == 1 and "credits 4" in four[0], out
     assert "credits   9  (shared by many pods)" in out
+    assert "credits   5  (shared by many pods)" in out
     assert '"path": "/dev/crypto/nx-gzip"' in out
-    assert out.count("Ready=True") >= len(prepared)
+    assert out.count("Ready=True") >= len(rows), out
+    assert "pods still pending" not in out, out
+
+
+def test_demo_shares_nx_gzip_between_pods_and_reports_status() -> None:
+    out = run_demo()
+    skipped = re.search(r"^real node skipped: (.*)$", out, re.MULTILINE)
+    if missing_requirements():
+        assert skipped, out
+    if skipped:
+        assert_shared_and_reported(out, "prepared")
+        return
+    # Real nodes: the kubelets prepared the claims with our plugins and started the pods.
+    assert_shared_and_reported(out, "Running")
+    assert re.search(r"^  node-0: Ready in \d+s; plugin registered", out, re.MULTILINE), out
+    assert re.search(r"^  node-1: Ready in \d+s; plugin registered", out, re.MULTILINE), out
+    # From inside a container (kubectl exec): the device node from our CDI spec ...
+    inside = out.split("-- inside ", 1)[1].split("\n-- ", 1)[0]
+    assert re.search(r"^  crw-rw-rw-\s.*\s1,\s+3\s.*/dev/crypto/nx-gzip$", inside, re.M), out
+    # ... and the environment, with the NxConfig of nx-configured's claim.
+    env = dict(
+        line.strip().split("=", 1) for line in inside.splitlines() if line.startswith("  NX_")
+    )
+    assert env.get("NX_DRA_CREDITS") == "1", out
+    assert env.get("NX_DRA_DEVICES") == "nx-gzip", out
+    assert env.get("NX_GZIP_VERBOSE") == "1", out
+    assert env.get("NX_GZIP_TYPE_SELECTOR") == "2", out
+    assert "stopped; the host is as before" in out, out
+
+
+def test_demo_without_real_nodes_plays_the_kubelet() -> None:
+    out = run_demo("--fake-nodes")
+    assert "real node skipped: --fake-nodes given" in out
+    assert_shared_and_reported(out, "prepared")

@@ -2,31 +2,76 @@
 """`make demo`: the driver's main job on an embedded local setup.
 
 Starts the real control plane (etcd, kube-apiserver, kube-scheduler,
-kube-controller-manager), installs `manifests/base` with server-side apply,
-runs the controller and one plugin per fake Power10 LPAR node as processes
-(with their own ServiceAccount tokens and the shipped RBAC), applies
-`manifests/examples`, plays the kubelet's part over gRPC (grpcio) for every
-pod bound to those nodes, and prints what happened. Then tears it all down.
+kube-controller-manager), installs `manifests/base` with server-side apply and
+runs the controller as a process with its ServiceAccount token. Then, where
+this machine can run a real node (root, unshare, runc, CNI plugins,
+busybox-static, containerd from hack/fetch-containerd.sh):
+
+- two real nodes, `node-0` and `node-1` (tests/harness/node.py: kubelet +
+  containerd with CDI + our plugin, each in a private mount namespace, with a
+  fake NX-gzip sysfs tree and device node); each plugin runs with the UID of
+  the plugin DaemonSet's pod on its node and a ServiceAccount token bound to
+  that pod, as in the DaemonSet;
+- `manifests/examples` with the pods rewritten for this machine (the local
+  busybox image, `imagePullPolicy: Never`, `hostNetwork: true`); the kubelets
+  prepare the claims with our plugins and start the containers;
+- it prints the slices, which pod got which credits on which node, what a
+  container sees (`kubectl exec`), the CDI spec and the claims' status, and
+  tears it all down, checking that the nodes left the host as it was.
+
+Elsewhere (or with `--fake-nodes`) the nodes are plain Node objects, one
+plugin process each, and the demo plays the kubelet's gRPC part (grpcio).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import shutil
+import signal
+import subprocess
 import sys
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
+from kubeletplugin.cdi import spec_file_name
 from tests import grpc_stubs
-from tests.harness.cluster import REPO, ControlPlane, Process, write_kubeconfig
+from tests.harness.cluster import (
+    REPO,
+    ControlPlane,
+    Process,
+    ensure_binaries,
+    write_kubeconfig,
+)
+from tests.harness.cluster import _down as cluster_down
+from tests.harness.images import BUSYBOX_IMAGE, oci_arch
+from tests.harness.node import (
+    Api,
+    NodePlugin,
+    RealNode,
+    allow_kubelet_api_access,
+    down_from_state,
+    ensure_containerd,
+    missing_requirements,
+)
 from tests.harness.plugin import DRIVER, PluginProcess
 
-NODES = {"power10-lpar-a": 10, "power10-lpar-b": 6}  # node -> NX-gzip default credits
+FAKE_NODES = {"power10-lpar-a": 10, "power10-lpar-b": 6}  # node -> NX-gzip default credits
+# Real nodes use the control plane's static kubelet tokens (node-0 ... node-7).
+REAL_NODES = {"node-0": 10, "node-1": 6}
 NAMESPACE = "power-dra-driver"
+EXAMPLES_NS = "nx-examples"
+PLUGIN_LABEL = "app.kubernetes.io/component=kubeletplugin"
 WORKDIR = REPO / ".cache" / "demo"
+# What the demo runs in one example container (`kubectl exec`).
+EXEC_SCRIPT = "ls -l /dev/crypto/nx-gzip; env | grep '^NX_' | sort"
 
 
 def say(text: str = "") -> None:
@@ -43,22 +88,441 @@ def sa_kubeconfig(cp: ControlPlane, sa: str, path: Path, *extra: str) -> str:
     return str(write_kubeconfig(path, cp.server, cp.ca_file, token.strip(), sa))
 
 
-def wait(what: str, pred: Any, timeout: float = 60.0) -> Any:
+def bound_plugin_kubeconfig(cp: ControlPlane, node: str, pod: str) -> str:
+    """Like the DaemonSet's pod: a token bound to the plugin pod on `node`, so the
+    slice admission policy lets the plugin write only that node's slice."""
+    return sa_kubeconfig(
+        cp,
+        "power-dra-kubeletplugin",
+        WORKDIR / f"plugin-{node}.kubeconfig",
+        "--bound-object-kind=Pod",
+        f"--bound-object-name={pod}",
+    )
+
+
+def wait(what: str, pred: Any, timeout: float = 60.0, interval: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(interval)
     raise TimeoutError(f"demo: {what} did not happen within {timeout:.0f}s")
 
 
 def plugin_pod_on(cp: ControlPlane, node: str) -> str | None:
-    pods = get_json(cp, "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=kubeletplugin")
+    pods = get_json(cp, "pods", "-n", NAMESPACE, "-l", PLUGIN_LABEL)
     for pod in pods["items"]:
         if pod["spec"].get("nodeName") == node:
             return str(pod["metadata"]["name"])
     return None
+
+
+def render(cp: ControlPlane, directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k directory` would apply."""
+    out = cp.kubectl("kustomize", str(directory)).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def apply_objects(cp: ControlPlane, objs: list[dict[str, Any]]) -> None:
+    doc = "\n---\n".join(json.dumps(o) for o in objs)
+    cp.kubectl("apply", "--server-side", "-f", "-", input=doc)
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
+    if obj["kind"] == "Pod":
+        spec: dict[str, Any] = obj["spec"]
+        return spec
+    if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job"):
+        spec = obj["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
+def for_this_machine(spec: dict[str, Any], image: str | None = None) -> None:
+    """What a pod needs on the real nodes: host network (the nodes' CNI config is never
+    run) and no image pulls (with `image`, that image instead of the pod's own)."""
+    spec["hostNetwork"] = True
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        if image:
+            container["image"] = image
+        container["imagePullPolicy"] = "Never"
+
+
+def clean_leftovers() -> None:
+    """Stop what a killed earlier run left running (recorded in its state files)."""
+    for state in sorted(WORKDIR.glob("node-*/node-state.json")):
+        with contextlib.suppress(Exception):
+            down_from_state(state)
+    if (WORKDIR / "cluster" / "state.json").exists():
+        with contextlib.suppress(Exception):
+            cluster_down(WORKDIR / "cluster")
+
+
+def real_node_unavailable() -> str:
+    """Why this machine cannot run real nodes ("" when it can)."""
+    missing = missing_requirements()
+    if missing:
+        return "this machine lacks " + "; ".join(missing)
+    try:
+        ensure_containerd()
+        ensure_binaries(("kubelet", "kubectl"))
+    except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
+        return f"containerd or the kubelet is unavailable ({exc})"
+    return ""
+
+
+def print_slices(cp: ControlPlane) -> None:
+    say("\n-- ResourceSlices published by the plugins --")
+    for s in get_json(cp, "resourceslices")["items"]:
+        if s["spec"]["driver"] != DRIVER:
+            continue
+        for d in s["spec"].get("devices", []):
+            cap = (d.get("capacity") or {}).get("credits", {}).get("value", "?")
+            multi = "shared by many pods" if d.get("allowMultipleAllocations") else "exclusive"
+            say(f"  {s['spec']['nodeName']:16} device {d['name']:8} credits {cap:>3}  ({multi})")
+
+
+def claim_statuses(cp: ControlPlane) -> list[tuple[str, str]]:
+    out = []
+    for c in get_json(cp, "resourceclaims", "-n", EXAMPLES_NS)["items"]:
+        for d in (c.get("status") or {}).get("devices") or []:
+            ready = [x["status"] for x in d.get("conditions") or [] if x["type"] == "Ready"]
+            out.append((c["metadata"]["name"], f"{d['device']} Ready={ready[0] if ready else '?'}"))
+    return out
+
+
+def print_claim_statuses(cp: ControlPlane, expected: int) -> None:
+    say("\n-- claim status written by the controller (status.devices) --")
+
+    def all_written() -> list[tuple[str, str]] | None:
+        rows = claim_statuses(cp)
+        return rows if len(rows) >= expected else None
+
+    try:
+        rows = wait("controller status", all_written, 30)
+    except TimeoutError as exc:
+        say(f"  {exc}")
+        rows = claim_statuses(cp)
+    for name, text in sorted(rows):
+        say(f"  {name:44} {text}")
+
+
+def print_pending(cp: ControlPlane) -> None:
+    pending = [
+        p["metadata"]["name"]
+        for p in get_json(cp, "pods", "-n", EXAMPLES_NS)["items"]
+        if not p["spec"].get("nodeName")
+    ]
+    if pending:
+        say(f"\npods still pending (no credits left): {', '.join(pending)}")
+
+
+def print_credit_rows(rows: list[dict[str, Any]], nodes: dict[str, int], how: str) -> None:
+    say(f"\n-- which pod got which credits on which node ({how}) --")
+    for r in sorted(rows, key=lambda r: (r["node"], r["pod"])):
+        say(
+            f"  {r['node']:16} {r['pod']:38} {','.join(r['devices']):8} "
+            f"credits {r['credits']}  {r['status']}"
+        )
+    for node, total in nodes.items():
+        used = sum(r["credits"] for r in rows if r["node"] == node)
+        say(f"  {node}: {used} of {total - 1} schedulable credits in use")
+
+
+def print_cdi_spec(spec_file: Path, pod: str) -> None:
+    spec = json.loads(spec_file.read_text())
+    spec.pop("annotations", None)
+    say(f"\n-- CDI spec the container runtime gets for {pod} ({spec_file.name}) --")
+    say(json.dumps(spec, indent=2))
+
+
+def allocated(claim: dict[str, Any]) -> tuple[list[str], int]:
+    """The devices and credits of a claim's allocation."""
+    results = ((claim.get("status") or {}).get("allocation") or {}).get("devices", {}).get(
+        "results"
+    ) or []
+    credits = sum(int((r.get("consumedCapacity") or {}).get("credits", "1")) for r in results)
+    return [r["device"] for r in results], credits
+
+
+def start_controller(cp: ControlPlane) -> Process:
+    ctl_kubeconfig = sa_kubeconfig(cp, "power-dra-controller", WORKDIR / "controller.kubeconfig")
+    ctl = Process(
+        "controller",
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            f"--kubeconfig={ctl_kubeconfig}",
+            "--leader-elect=true",
+            f"--leader-election-namespace={NAMESPACE}",
+            "--metrics-bind-address=0",
+        ],
+        WORKDIR,
+    )
+    say("controller running as ServiceAccount power-dra-controller (shipped RBAC)")
+    return ctl
+
+
+# --- the real nodes ----------------------------------------------------------------------
+
+
+class DemoNode(RealNode):
+    """A real node whose plugin runs as the DaemonSet's pod would: with the UID of the
+    DaemonSet's pod on this node and a ServiceAccount token bound to that pod."""
+
+    def __init__(self, cp: ControlPlane, name: str, credits: int) -> None:
+        super().__init__(cp, WORKDIR / name, name, total_credits=credits)
+        self.daemonset_pod = ""
+
+    def _daemonset_pod(self) -> dict[str, Any] | None:
+        query = urllib.parse.urlencode(
+            {"labelSelector": PLUGIN_LABEL, "fieldSelector": f"spec.nodeName={self.name}"}
+        )
+        items = self.api.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?{query}")["items"]
+        return items[0] if items else None
+
+    def start_plugin(self, pod_uid: str | None = None, registered: bool = True) -> NodePlugin:
+        kubelet = self.kubelet
+
+        def scheduled() -> dict[str, Any] | None:
+            if kubelet is not None and not kubelet.alive():
+                raise RuntimeError(f"kubelet of {self.name} exited:\n{kubelet.tail(40)}")
+            return self._daemonset_pod()
+
+        # The kubelet registers the Node; then the DaemonSet controller adds its pod.
+        pod = wait(f"plugin DaemonSet pod on {self.name}", scheduled, 60, 0.1)
+        self.daemonset_pod = pod["metadata"]["name"]
+        plugin = NodePlugin(self, pod_uid or pod["metadata"]["uid"])
+        plugin.kubeconfig = bound_plugin_kubeconfig(self.cp, self.name, self.daemonset_pod)
+        plugin.start()
+        if registered:
+            plugin.wait_registered()
+        self.plugins.append(plugin)
+        self.plugin = plugin
+        self._write_state()
+        return plugin
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conds = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def pod_unschedulable(pod: dict[str, Any]) -> bool:
+    conds = pod.get("status", {}).get("conditions") or []
+    return any(
+        c["type"] == "PodScheduled"
+        and c["status"] == "False"
+        and c.get("reason") == "Unschedulable"
+        for c in conds
+    )
+
+
+def pod_state(pod: dict[str, Any]) -> str:
+    if pod_ready(pod):
+        return "Running"
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting")
+        if waiting:
+            return f"ERROR {waiting.get('reason')}: {waiting.get('message', '')}"
+    return f"ERROR pod {pod.get('status', {}).get('phase', '?')}"
+
+
+def expected_pods(objs: list[dict[str, Any]]) -> int:
+    return sum(
+        1 if o["kind"] == "Pod" else int(o["spec"].get("replicas", 1))
+        for o in objs
+        if o["kind"] in ("Pod", "Deployment")
+    )
+
+
+def wait_for_example_pods(api: Api, nodes: list[DemoNode], count: int) -> list[dict[str, Any]]:
+    """Until `count` example pods exist and each is Ready or unschedulable."""
+
+    def settled() -> list[dict[str, Any]] | None:
+        for node in nodes:
+            for proc in (node.kubelet, node.plugin.process if node.plugin else None):
+                if proc is not None and not proc.alive():
+                    raise RuntimeError(f"{proc.name} of {node.name} exited:\n{proc.tail(40)}")
+        pods: list[dict[str, Any]] = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/pods")[
+            "items"
+        ]
+        if len(pods) < count or not all(pod_ready(p) or pod_unschedulable(p) for p in pods):
+            return None
+        return pods
+
+    try:
+        pods: list[dict[str, Any]] = wait("example pods Running", settled, 120, 0.25)
+    except TimeoutError:
+        pods = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/pods")["items"]
+        for p in pods:
+            say(f"  ERROR {p['metadata']['name']} not Running: {pod_state(p)}")
+        events = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/events")["items"]
+        for e in events:
+            if e.get("type") == "Warning":
+                say(f"  event {e['reason']}: {e['involvedObject'].get('name')}: {e.get('message')}")
+        raise
+    return pods
+
+
+def stop_real_nodes(nodes: list[DemoNode]) -> list[str]:
+    """Stop the nodes, then compare the host with before each one started."""
+    problems = []
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception as exc:  # keep stopping the others
+            problems.append(f"{node.name}: {exc}")
+    for node in nodes:
+        if node.host_before:
+            problems += [f"{node.name}: {change}" for change in node.host_changes()]
+    return problems
+
+
+def run_real_nodes(cp: ControlPlane) -> None:
+    api = Api(cp)
+    allow_kubelet_api_access(cp)  # kubectl exec: the API server calls the kubelet
+    base = render(cp, REPO / "manifests" / "base")
+    for obj in base:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for_this_machine(spec)
+        if obj["kind"] == "DaemonSet":  # the real nodes are this machine's architecture
+            spec.setdefault("nodeSelector", {})["kubernetes.io/arch"] = oci_arch()
+    apply_objects(cp, base)
+    say(
+        "installed manifests/base (server-side apply): namespace, RBAC, DeviceClass, "
+        "plugin DaemonSet, controller Deployment, slice admission policy"
+    )
+    say(
+        "  (their pods get hostNetwork and imagePullPolicy Never here; the driver's image "
+        "is not on this\n   machine, so the plugins and the controller run as processes)"
+    )
+    processes = [start_controller(cp)]
+    nodes = [DemoNode(cp, name, credits) for name, credits in REAL_NODES.items()]
+    problems: list[str] = []
+    try:
+        say(
+            f"starting real nodes {', '.join(REAL_NODES)}: kubelet + containerd (CDI) + our "
+            "plugin, each in a private mount namespace,\n  fake Power10 sysfs (credits "
+            + ", ".join(f"{n}: {c}" for n, c in REAL_NODES.items())
+            + ") and /dev/crypto/nx-gzip ..."
+        )
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            for future in [pool.submit(node.start) for node in nodes]:
+                future.result()
+        for node in nodes:
+            say(
+                f"  {node.name}: Ready in {time.monotonic() - started:.0f}s; plugin registered "
+                f"with the kubelet, runs as DaemonSet pod {node.daemonset_pod}"
+            )
+        print_slices(cp)
+
+        examples = render(cp, REPO / "manifests" / "examples")
+        for obj in examples:
+            spec = pod_spec(obj)
+            if spec is not None:
+                for_this_machine(spec, BUSYBOX_IMAGE)
+                spec["automountServiceAccountToken"] = False
+                spec["enableServiceLinks"] = False
+        namespaces = [o for o in examples if o["kind"] == "Namespace"]
+        apply_objects(cp, namespaces)
+        wait(
+            "default ServiceAccount in nx-examples",
+            lambda: api.get(f"/api/v1/namespaces/{EXAMPLES_NS}/serviceaccounts/default"),
+            30,
+        )
+        # The Deployments first: the three pods that must share one node then find
+        # one with enough credits free, whichever node the scheduler picks for them.
+        workloads = [o for o in examples if o["kind"] not in ("Namespace", "Pod")]
+        apply_objects(cp, workloads)
+
+        def workload_pods_placed() -> bool:
+            pods = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/pods")["items"]
+            placed = [p for p in pods if p["spec"].get("nodeName") or pod_unschedulable(p)]
+            return len(placed) >= expected_pods(workloads)
+
+        wait("the Deployments' pods scheduled", workload_pods_placed, 60, 0.1)
+        apply_objects(cp, [o for o in examples if o["kind"] == "Pod"])
+        say(
+            "\napplied manifests/examples (pods with ResourceClaimTemplates; the Deployments "
+            f"first),\n  for this machine: image {BUSYBOX_IMAGE}, imagePullPolicy Never, "
+            "hostNetwork: true"
+        )
+        pods = wait_for_example_pods(api, nodes, expected_pods(examples))
+        claims = {
+            c["metadata"]["name"]: c
+            for c in api.request(
+                "GET", f"/apis/resource.k8s.io/v1/namespaces/{EXAMPLES_NS}/resourceclaims"
+            )["items"]
+        }
+        rows = []
+        for pod in pods:
+            node = pod["spec"].get("nodeName")
+            if not node:
+                continue
+            for ref in pod["status"].get("resourceClaimStatuses") or []:
+                claim = claims.get(ref.get("resourceClaimName") or "")
+                if claim is None:
+                    continue
+                devices, credits = allocated(claim)
+                rows.append(
+                    {
+                        "pod": pod["metadata"]["name"],
+                        "node": node,
+                        "uid": claim["metadata"]["uid"],
+                        "devices": devices,
+                        "credits": credits,
+                        "status": pod_state(pod),
+                    }
+                )
+        print_credit_rows(
+            rows, REAL_NODES, "claims' allocation; the kubelets prepared them and started the pods"
+        )
+
+        shown = next(
+            (r for r in rows if r["pod"] == "nx-configured" and r["status"] == "Running"),
+            next((r for r in rows if r["status"] == "Running"), None),
+        )
+        if shown is not None:
+            say(
+                f'\n-- inside {shown["pod"]} on {shown["node"]}: kubectl exec -- sh -c "{EXEC_SCRIPT}" --'
+            )
+            out = cp.kubectl(
+                "exec", "-n", EXAMPLES_NS, shown["pod"], "--", "sh", "-c", EXEC_SCRIPT
+            ).stdout
+            for line in out.splitlines():
+                say(f"  {line}")
+            node_obj = next(n for n in nodes if n.name == shown["node"])
+            print_cdi_spec(node_obj.cdi_dir / spec_file_name(shown["uid"]), shown["pod"])
+        else:
+            say("\nERROR: no example pod is Running")
+
+        print_claim_statuses(cp, len(rows))
+        print_pending(cp)
+        say("\ndemo done: tearing down")
+    finally:
+        problems = stop_real_nodes(nodes)
+        for proc in processes:
+            proc.stop()
+        if problems:
+            say(
+                "ERROR: the real nodes changed the host or did not stop:\n  "
+                + "\n  ".join(problems)
+            )
+    if problems:
+        raise SystemExit(1)
+    say(
+        f"real nodes {', '.join(REAL_NODES)} stopped; the host is as before "
+        "(iptables, links, mounts, cgroups, kubelet/containerd/CNI/CDI paths, sysctls)"
+    )
+
+
+# --- fake nodes: plugin processes, the demo plays the kubelet ------------------------------
 
 
 def prepare_pod_claims(
@@ -71,7 +535,7 @@ def prepare_pod_claims(
         (c["metadata"]["namespace"], c["metadata"]["name"]): c
         for c in get_json(cp, "resourceclaims", "-A")["items"]
     }
-    for pod in get_json(cp, "pods", "-n", "nx-examples")["items"]:
+    for pod in get_json(cp, "pods", "-n", EXAMPLES_NS)["items"]:
         node = pod["spec"].get("nodeName")
         if node not in plugins:
             continue
@@ -91,150 +555,103 @@ def prepare_pod_claims(
             resp = stub.NodePrepareResources(req, timeout=45)
         for c in refs:
             answer = resp.claims[c["metadata"]["uid"]]
-            results = c["status"]["allocation"]["devices"]["results"]
-            credits = sum(
-                int((r.get("consumedCapacity") or {}).get("credits", "1")) for r in results
-            )
+            devices, credits = allocated(c)
             rows.append(
                 {
                     "pod": pod["metadata"]["name"],
                     "node": node,
                     "claim": c["metadata"]["name"],
                     "uid": c["metadata"]["uid"],
-                    "devices": [r["device"] for r in results],
+                    "devices": devices,
                     "credits": credits,
                     "cdi": [i for d in answer.devices for i in d.cdi_device_ids],
-                    "error": answer.error,
+                    "status": "prepared" if not answer.error else f"ERROR {answer.error}",
                 }
             )
     return rows
 
 
-def main() -> None:
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    WORKDIR.mkdir(parents=True)
-    say("== power-dra-driver demo: NX-gzip shared by many pods on Power10 nodes ==")
-    say("starting etcd, kube-apiserver, kube-scheduler, kube-controller-manager on loopback ...")
-    cp = ControlPlane(WORKDIR / "cluster").start()
-    processes: list[Process] = []
+def run_fake_nodes(cp: ControlPlane) -> None:
+    for node in FAKE_NODES:
+        cp.create_node(node)
+    say(f"  fake Power nodes (API objects): {', '.join(FAKE_NODES)}")
+    cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "base"))
+    say(
+        "installed manifests/base (server-side apply): namespace, RBAC, DeviceClass, "
+        "plugin DaemonSet, controller Deployment, slice admission policy"
+    )
+    processes = [start_controller(cp)]
     plugins: dict[str, PluginProcess] = {}
     try:
-        say(f"  API server {cp.server} (Kubernetes v1.36)")
-        for node in NODES:
-            cp.create_node(node)
-        say(f"  fake Power nodes (API objects): {', '.join(NODES)}")
-        cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "base"))
-        say(
-            "installed manifests/base (server-side apply): namespace, RBAC, DeviceClass, "
-            "plugin DaemonSet, controller Deployment, slice admission policy"
-        )
-
-        ctl_kubeconfig = sa_kubeconfig(
-            cp, "power-dra-controller", WORKDIR / "controller.kubeconfig"
-        )
-        ctl = Process(
-            "controller",
-            [
-                sys.executable,
-                "-m",
-                "controller",
-                f"--kubeconfig={ctl_kubeconfig}",
-                "--leader-elect=true",
-                f"--leader-election-namespace={NAMESPACE}",
-                "--metrics-bind-address=0",
-            ],
-            WORKDIR,
-        )
-        processes.append(ctl)
-        say("controller running as ServiceAccount power-dra-controller (shipped RBAC)")
-
-        for node, credits in NODES.items():
-            # Like the DaemonSet's pod: a token bound to the plugin pod on that node, so the
-            # admission policy lets it write only that node's slice.
+        for node, credits in FAKE_NODES.items():
             pod = wait(f"plugin pod scheduled on {node}", lambda n=node: plugin_pod_on(cp, n))
-            kubeconfig = sa_kubeconfig(
-                cp,
-                "power-dra-kubeletplugin",
-                WORKDIR / f"plugin-{node}.kubeconfig",
-                "--bound-object-kind=Pod",
-                f"--bound-object-name={pod}",
-            )
             plugins[node] = PluginProcess(
-                cp, node, WORKDIR / node, total_credits=credits, kubeconfig=kubeconfig
+                cp,
+                node,
+                WORKDIR / node,
+                total_credits=credits,
+                kubeconfig=bound_plugin_kubeconfig(cp, node, pod),
             ).start()
         for plugin in plugins.values():
             plugin.wait_for_slices(30)
-        say("\n-- ResourceSlices published by the plugins --")
-        for s in get_json(cp, "resourceslices")["items"]:
-            if s["spec"]["driver"] != DRIVER:
-                continue
-            for d in s["spec"].get("devices", []):
-                cap = (d.get("capacity") or {}).get("credits", {}).get("value", "?")
-                multi = "shared by many pods" if d.get("allowMultipleAllocations") else "exclusive"
-                say(
-                    f"  {s['spec']['nodeName']:16} device {d['name']:8} credits {cap:>3}  ({multi})"
-                )
+        print_slices(cp)
 
         cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "examples"))
         say("\napplied manifests/examples (pods with ResourceClaimTemplates)")
 
         def all_bound() -> bool:
-            pods = get_json(cp, "pods", "-n", "nx-examples")["items"]
+            pods = get_json(cp, "pods", "-n", EXAMPLES_NS)["items"]
             return bool(pods) and all(p["spec"].get("nodeName") for p in pods)
 
         wait("example pods scheduled", all_bound)
         rows = prepare_pod_claims(cp, plugins, grpc_stubs.load())
-        say("\n-- which pod got which credits on which node (NodePrepareResources over gRPC) --")
-        for r in sorted(rows, key=lambda r: (r["node"], r["pod"])):
-            status = "prepared" if not r["error"] else f"ERROR {r['error']}"
-            say(
-                f"  {r['node']:16} {r['pod']:38} {','.join(r['devices']):8} "
-                f"credits {r['credits']}  {status}"
-            )
-        for node, total in NODES.items():
-            used = sum(r["credits"] for r in rows if r["node"] == node)
-            say(f"  {node}: {used} of {total - 1} schedulable credits in use")
-
+        print_credit_rows(rows, FAKE_NODES, "NodePrepareResources over gRPC")
         if rows:
             first = rows[0]
-            spec_file = next(plugins[first["node"]].cdi_root.glob(f"*{first['uid']}*.json"))
-            spec = json.loads(spec_file.read_text())
-            spec.pop("annotations", None)
-            say(
-                f"\n-- CDI spec the container runtime gets for {first['pod']} ({spec_file.name}) --"
-            )
-            say(json.dumps(spec, indent=2))
-
-        def statuses() -> list[tuple[str, str]]:
-            out = []
-            for c in get_json(cp, "resourceclaims", "-n", "nx-examples")["items"]:
-                for d in (c.get("status") or {}).get("devices") or []:
-                    ready = [x["status"] for x in d.get("conditions") or [] if x["type"] == "Ready"]
-                    out.append(
-                        (c["metadata"]["name"], f"{d['device']} Ready={ready[0] if ready else '?'}")
-                    )
-            return out
-
-        say("\n-- claim status written by the controller (status.devices) --")
-        try:
-            for name, text in wait("controller status", statuses, 30):
-                say(f"  {name:44} {text}")
-        except TimeoutError as exc:
-            say(f"  {exc}")
-        pending = [
-            p["metadata"]["name"]
-            for p in get_json(cp, "pods", "-n", "nx-examples")["items"]
-            if not p["spec"].get("nodeName")
-        ]
-        if pending:
-            say(f"\npods still pending (no credits left): {', '.join(pending)}")
+            spec_file = plugins[first["node"]].cdi_root / spec_file_name(first["uid"])
+            print_cdi_spec(spec_file, first["pod"])
+        print_claim_statuses(cp, len(rows))
+        print_pending(cp)
         say("\ndemo done: tearing down")
     finally:
         for plugin in plugins.values():
             plugin.stop()
         for proc in processes:
             proc.stop()
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # run the `finally` blocks that tear down
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.demo")
+    parser.add_argument(
+        "--fake-nodes",
+        action="store_true",
+        help="no real nodes: plugin processes for Node objects, the demo plays the kubelet",
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    started = time.monotonic()
+    clean_leftovers()
+    shutil.rmtree(WORKDIR, ignore_errors=True)
+    WORKDIR.mkdir(parents=True)
+    say("== power-dra-driver demo: NX-gzip shared by many pods on Power10 nodes ==")
+    why_not = "--fake-nodes given" if args.fake_nodes else real_node_unavailable()
+    if why_not:
+        say(f"real node skipped: {why_not}; the demo plays the kubelet's gRPC part instead")
+    say("starting etcd, kube-apiserver, kube-scheduler, kube-controller-manager on loopback ...")
+    cp = ControlPlane(WORKDIR / "cluster").start()
+    try:
+        say(f"  API server {cp.server} (Kubernetes v1.36)")
+        if why_not:
+            run_fake_nodes(cp)
+        else:
+            run_real_nodes(cp)
+    finally:
         cp.stop()
+    say(f"all stopped; the demo took {time.monotonic() - started:.0f}s")
 
 
 if __name__ == "__main__":
