@@ -167,6 +167,12 @@ def device_options(args: argparse.Namespace) -> DeviceOptions:
 def discover_node(args: argparse.Namespace) -> Inventory:
     """Read sysfs and the device node as the flags say."""
     device_node = Path(str(args.host_dev_root).rstrip("/") + DEVICE_PATH)
+    if not Path(args.sysfs_root).is_dir():
+        log.warning(
+            "--sysfs-root %s does not exist: is the path right (the DaemonSet mounts /sys "
+            "at /host-sys)?",
+            args.sysfs_root,
+        )
     inventory = discover(args.sysfs_root, device_node)
     for warning in inventory.warnings:
         log.warning("%s", warning)

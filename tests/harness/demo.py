@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import shutil
 import signal
@@ -36,7 +37,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import yaml
@@ -50,7 +51,6 @@ from tests.harness.cluster import (
     ensure_binaries,
     write_kubeconfig,
 )
-from tests.harness.cluster import _down as cluster_down
 from tests.harness.images import BUSYBOX_IMAGE, oci_arch
 from tests.harness.node import (
     Api,
@@ -59,6 +59,7 @@ from tests.harness.node import (
     allow_kubelet_api_access,
     down_from_state,
     ensure_containerd,
+    kill_pids,
     missing_requirements,
 )
 from tests.harness.plugin import DRIVER, PluginProcess
@@ -149,14 +150,47 @@ def for_this_machine(spec: dict[str, Any], image: str | None = None) -> None:
         container["imagePullPolicy"] = "Never"
 
 
+def record_pid(process: Process | None) -> None:
+    """Note a process we started, for `clean_leftovers` after a run that was killed."""
+    if process is None:
+        return
+    path = WORKDIR / "pids.json"
+    pids = json.loads(path.read_text()) if path.exists() else {}
+    pids[process.name] = process.pid
+    path.write_text(json.dumps(pids))
+
+
+def _ours(pid: int) -> bool:
+    """The process runs with our work dir in its command line (its PID was not reused)."""
+    try:
+        return str(WORKDIR).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def clean_leftovers() -> None:
-    """Stop what a killed earlier run left running (recorded in its state files)."""
+    """Stop what an earlier run that was killed left running: its nodes (the processes
+    in their mount namespaces and cgroups) and the processes its state files name."""
     for state in sorted(WORKDIR.glob("node-*/node-state.json")):
         with contextlib.suppress(Exception):
             down_from_state(state)
-    if (WORKDIR / "cluster" / "state.json").exists():
-        with contextlib.suppress(Exception):
-            cluster_down(WORKDIR / "cluster")
+    pids: list[int] = []
+    for path in (WORKDIR / "pids.json", WORKDIR / "cluster" / "state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads(path.read_text())
+            pids += [int(p) for p in recorded.get("pids", recorded).values()]
+    kill_pids([p for p in pids if _ours(p)])
+
+
+def hold_lock() -> IO[bytes]:
+    """One demo at a time: a second one would tear down the first one's work dir."""
+    lock = (REPO / ".cache" / "demo.lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("ERROR: another demo is running (it holds .cache/demo.lock)")
+        raise SystemExit(1) from None
+    return lock
 
 
 def real_node_unavailable() -> str:
@@ -261,6 +295,7 @@ def start_controller(cp: ControlPlane) -> Process:
         ],
         WORKDIR,
     )
+    record_pid(ctl)
     say("controller running as ServiceAccount power-dra-controller (shipped RBAC)")
     return ctl
 
@@ -592,6 +627,7 @@ def run_fake_nodes(cp: ControlPlane) -> None:
                 total_credits=credits,
                 kubeconfig=bound_plugin_kubeconfig(cp, node, pod),
             ).start()
+            record_pid(plugins[node].process)
         for plugin in plugins.values():
             plugin.wait_for_slices(30)
         print_slices(cp)
@@ -624,21 +660,13 @@ def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # run the `finally` blocks that tear down
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.harness.demo")
-    parser.add_argument(
-        "--fake-nodes",
-        action="store_true",
-        help="no real nodes: plugin processes for Node objects, the demo plays the kubelet",
-    )
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+def run(fake_nodes: bool) -> None:
     started = time.monotonic()
     clean_leftovers()
     shutil.rmtree(WORKDIR, ignore_errors=True)
     WORKDIR.mkdir(parents=True)
     say("== power-dra-driver demo: NX-gzip shared by many pods on Power10 nodes ==")
-    why_not = "--fake-nodes given" if args.fake_nodes else real_node_unavailable()
+    why_not = "--fake-nodes given" if fake_nodes else real_node_unavailable()
     if why_not:
         say(f"real node skipped: {why_not}; the demo plays the kubelet's gRPC part instead")
     say("starting etcd, kube-apiserver, kube-scheduler, kube-controller-manager on loopback ...")
@@ -652,6 +680,20 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         cp.stop()
     say(f"all stopped; the demo took {time.monotonic() - started:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.demo")
+    parser.add_argument(
+        "--fake-nodes",
+        action="store_true",
+        help="no real nodes: plugin processes for Node objects, the demo plays the kubelet",
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    (REPO / ".cache").mkdir(exist_ok=True)
+    with hold_lock():
+        run(args.fake_nodes)
 
 
 if __name__ == "__main__":
