@@ -168,10 +168,11 @@ def _ours(pid: int) -> bool:
         return False
 
 
-def clean_leftovers() -> None:
+def clean_leftovers() -> bool:
     """Stop what an earlier run that was killed left running: its nodes (the processes
     in their mount namespaces and cgroups) and the processes its state files name."""
-    for state in sorted(WORKDIR.glob("node-*/node-state.json")):
+    nodes = sorted(WORKDIR.glob("node-*/node-state.json"))
+    for state in nodes:
         with contextlib.suppress(Exception):
             down_from_state(state)
     pids: list[int] = []
@@ -179,7 +180,9 @@ def clean_leftovers() -> None:
         with contextlib.suppress(OSError, ValueError):
             recorded = json.loads(path.read_text())
             pids += [int(p) for p in recorded.get("pids", recorded).values()]
-    kill_pids([p for p in pids if _ours(p)])
+    alive = [p for p in pids if _ours(p)]
+    kill_pids(alive)
+    return bool(nodes or alive)
 
 
 def hold_lock() -> IO[bytes]:
@@ -373,6 +376,29 @@ def expected_pods(objs: list[dict[str, Any]]) -> int:
     )
 
 
+def apply_examples(cp: ControlPlane, examples: list[dict[str, Any]]) -> None:
+    """Apply the examples, the Deployments first: the three pods that must share one node
+    then find one with enough credits free, whichever node the scheduler picks for them
+    (were nx-4-credits there first, the smaller node could not take all three)."""
+    api = Api(cp)
+    apply_objects(cp, [o for o in examples if o["kind"] == "Namespace"])
+    wait(
+        "default ServiceAccount in nx-examples",
+        lambda: api.get(f"/api/v1/namespaces/{EXAMPLES_NS}/serviceaccounts/default"),
+        30,
+    )
+    workloads = [o for o in examples if o["kind"] not in ("Namespace", "Pod")]
+    apply_objects(cp, workloads)
+
+    def workload_pods_placed() -> bool:
+        pods = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/pods")["items"]
+        placed = [p for p in pods if p["spec"].get("nodeName") or pod_unschedulable(p)]
+        return len(placed) >= expected_pods(workloads)
+
+    wait("the Deployments' pods scheduled", workload_pods_placed, 60, 0.1)
+    apply_objects(cp, [o for o in examples if o["kind"] == "Pod"])
+
+
 def wait_for_example_pods(api: Api, nodes: list[DemoNode], count: int) -> list[dict[str, Any]]:
     """Until `count` example pods exist and each is Ready or unschedulable."""
 
@@ -433,8 +459,10 @@ def run_real_nodes(cp: ControlPlane) -> None:
         "plugin DaemonSet, controller Deployment, slice admission policy"
     )
     say(
-        "  (their pods get hostNetwork and imagePullPolicy Never here; the driver's image "
-        "is not on this\n   machine, so the plugins and the controller run as processes)"
+        "  for this machine their pods get hostNetwork and imagePullPolicy Never (and the "
+        "DaemonSet this\n  machine's architecture); the driver's image is not here, so the "
+        "plugins and the controller\n  run as processes, each plugin with the UID of its "
+        "node's DaemonSet pod and a token bound to it"
     )
     processes = [start_controller(cp)]
     nodes = [DemoNode(cp, name, credits) for name, credits in REAL_NODES.items()]
@@ -453,7 +481,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
         for node in nodes:
             say(
                 f"  {node.name}: Ready in {time.monotonic() - started:.0f}s; plugin registered "
-                f"with the kubelet, runs as DaemonSet pod {node.daemonset_pod}"
+                f"with the kubelet (DaemonSet pod {node.daemonset_pod})"
             )
         print_slices(cp)
 
@@ -464,25 +492,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
                 for_this_machine(spec, BUSYBOX_IMAGE)
                 spec["automountServiceAccountToken"] = False
                 spec["enableServiceLinks"] = False
-        namespaces = [o for o in examples if o["kind"] == "Namespace"]
-        apply_objects(cp, namespaces)
-        wait(
-            "default ServiceAccount in nx-examples",
-            lambda: api.get(f"/api/v1/namespaces/{EXAMPLES_NS}/serviceaccounts/default"),
-            30,
-        )
-        # The Deployments first: the three pods that must share one node then find
-        # one with enough credits free, whichever node the scheduler picks for them.
-        workloads = [o for o in examples if o["kind"] not in ("Namespace", "Pod")]
-        apply_objects(cp, workloads)
-
-        def workload_pods_placed() -> bool:
-            pods = api.request("GET", f"/api/v1/namespaces/{EXAMPLES_NS}/pods")["items"]
-            placed = [p for p in pods if p["spec"].get("nodeName") or pod_unschedulable(p)]
-            return len(placed) >= expected_pods(workloads)
-
-        wait("the Deployments' pods scheduled", workload_pods_placed, 60, 0.1)
-        apply_objects(cp, [o for o in examples if o["kind"] == "Pod"])
+        apply_examples(cp, examples)
         say(
             "\napplied manifests/examples (pods with ResourceClaimTemplates; the Deployments "
             f"first),\n  for this machine: image {BUSYBOX_IMAGE}, imagePullPolicy Never, "
@@ -524,9 +534,8 @@ def run_real_nodes(cp: ControlPlane) -> None:
             next((r for r in rows if r["status"] == "Running"), None),
         )
         if shown is not None:
-            say(
-                f'\n-- inside {shown["pod"]} on {shown["node"]}: kubectl exec -- sh -c "{EXEC_SCRIPT}" --'
-            )
+            pod, node = shown["pod"], shown["node"]
+            say(f'\n-- inside {pod} on {node}: kubectl exec {pod} -- sh -c "{EXEC_SCRIPT}" --')
             out = cp.kubectl(
                 "exec", "-n", EXAMPLES_NS, shown["pod"], "--", "sh", "-c", EXEC_SCRIPT
             ).stdout
@@ -632,8 +641,10 @@ def run_fake_nodes(cp: ControlPlane) -> None:
             plugin.wait_for_slices(30)
         print_slices(cp)
 
-        cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "examples"))
-        say("\napplied manifests/examples (pods with ResourceClaimTemplates)")
+        apply_examples(cp, render(cp, REPO / "manifests" / "examples"))
+        say(
+            "\napplied manifests/examples (pods with ResourceClaimTemplates; the Deployments first)"
+        )
 
         def all_bound() -> bool:
             pods = get_json(cp, "pods", "-n", EXAMPLES_NS)["items"]
@@ -662,10 +673,12 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def run(fake_nodes: bool) -> None:
     started = time.monotonic()
-    clean_leftovers()
+    cleaned = clean_leftovers()
     shutil.rmtree(WORKDIR, ignore_errors=True)
     WORKDIR.mkdir(parents=True)
     say("== power-dra-driver demo: NX-gzip shared by many pods on Power10 nodes ==")
+    if cleaned:
+        say("(stopped what an earlier demo, killed midway, left running)")
     why_not = "--fake-nodes given" if fake_nodes else real_node_unavailable()
     if why_not:
         say(f"real node skipped: {why_not}; the demo plays the kubelet's gRPC part instead")
