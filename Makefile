@@ -63,10 +63,14 @@ node-up: venv k8s-bins
 node-down: venv
 	$(PY) -m tests.harness.node down
 
-# The local development cluster: control plane + a real node running our plugin.
-dev-setup: node-up
+# The local development cluster (the old driver's names): the demo's set-up left
+# running: control plane, manifests/base installed, the controller, and real nodes
+# running our plugin (with their DaemonSet pods' identities), examples applied.
+dev-setup: venv k8s-bins
+	$(PY) -m tests.harness.demo --keep
 
-dev-teardown: node-down
+dev-teardown: venv
+	$(PY) -m tests.harness.demo --down
 
 demo: venv k8s-bins
 	$(PY) -m tests.harness.demo

@@ -75,6 +75,12 @@ WORKDIR = REPO / ".cache" / "demo"
 EXEC_SCRIPT = "ls -l /dev/crypto/nx-gzip; env | grep '^NX_' | sort"
 
 
+class Mode:
+    """How this run ends: `keep` (make dev-setup) skips the teardown."""
+
+    keep = False
+
+
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -548,10 +554,10 @@ def run_real_nodes(cp: ControlPlane) -> None:
 
         print_claim_statuses(cp, len(rows))
         print_pending(cp)
-        say("\ndemo done: tearing down")
+        say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:
-        problems = stop_real_nodes(nodes)
-        for proc in processes:
+        problems = [] if Mode.keep else stop_real_nodes(nodes)
+        for proc in processes if not Mode.keep else []:
             proc.stop()
         if problems:
             say(
@@ -560,6 +566,8 @@ def run_real_nodes(cp: ControlPlane) -> None:
             )
     if problems:
         raise SystemExit(1)
+    if Mode.keep:
+        return
     say(
         f"real nodes {', '.join(REAL_NODES)} stopped; the host is as before "
         "(iptables, links, mounts, cgroups, kubelet/containerd/CNI/CDI paths, sysctls)"
@@ -659,11 +667,11 @@ def run_fake_nodes(cp: ControlPlane) -> None:
             print_cdi_spec(spec_file, first["pod"])
         print_claim_statuses(cp, len(rows))
         print_pending(cp)
-        say("\ndemo done: tearing down")
+        say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:
-        for plugin in plugins.values():
+        for plugin in plugins.values() if not Mode.keep else []:
             plugin.stop()
-        for proc in processes:
+        for proc in processes if not Mode.keep else []:
             proc.stop()
 
 
@@ -691,7 +699,12 @@ def run(fake_nodes: bool) -> None:
         else:
             run_real_nodes(cp)
     finally:
-        cp.stop()
+        if not Mode.keep:
+            cp.stop()
+    if Mode.keep:
+        say(f"\nthe cluster keeps running: export KUBECONFIG={cp.kubeconfig}")
+        say(f"kubectl: {cp.bin_dir / 'kubectl'}; stop everything with: make dev-teardown")
+        return
     say(f"all stopped; the demo took {time.monotonic() - started:.0f}s")
 
 
@@ -702,7 +715,23 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="no real nodes: plugin processes for Node objects, the demo plays the kubelet",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the cluster, nodes, plugins and controller running (make dev-setup)",
+    )
+    parser.add_argument(
+        "--down",
+        action="store_true",
+        help="stop what an earlier --keep run left running (make dev-teardown)",
+    )
     args = parser.parse_args(argv)
+    if args.down:
+        with hold_lock():
+            stopped = clean_leftovers()
+        say("stopped the development cluster" if stopped else "nothing was running")
+        return
+    Mode.keep = args.keep
     signal.signal(signal.SIGTERM, _sigterm)
     (REPO / ".cache").mkdir(exist_ok=True)
     with hold_lock():
