@@ -7,7 +7,7 @@ its own namespace (server-side apply, field manager `power-dra-driver`) and
 re-applies it whenever it drifts or is deleted. Its content is a pure
 function of a small YAML file (`--plugin-daemonset-config`):
 
-    image: registry.example.com/power-dra-driver:0.1.0     # required
+    image: power-dra-driver:0.1.0     # required
     imagePullPolicy: IfNotPresent
     imagePullSecrets: [pull-secret]
     nodeSelector: {kubernetes.io/arch: ppc64le}

@@ -84,7 +84,7 @@ def pod(
             "containers": [
                 {
                     "name": "c",
-                    "image": "registry.example/nx-app",
+                    "image": "nx-app",
                     "resources": {"claims": [{"name": e["name"]} for e in entries]},
                 }
             ],

@@ -23,7 +23,7 @@ from controller.resources import DAEMONSETS
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config
 
-IMAGE = "registry.example.com/power-dra-driver:0.1.0"
+IMAGE = "power-dra-driver:0.1.0"
 
 
 def _ds(**config: Any) -> dict[str, Any]:
