@@ -5,6 +5,7 @@ rediscovery, health, metrics; one task group, cancelled on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import time
@@ -113,6 +114,10 @@ async def run_plugin(args: argparse.Namespace) -> None:
         plugin_data_dir=plugin_dir,
         pod_uid=args.pod_uid,
     )
+    # Start-up objects (modules, generated protobuf classes) live for the whole run:
+    # moving them out of the collector's view keeps full collections short, which
+    # is what shows up in prepare tail latency.
+    gc.freeze()
     async with PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets):
         log.info(
             "serving the kubelet",
