@@ -29,6 +29,7 @@ import pytest
 from controller.apiclient import ApiClient
 from controller.errors import NotFound
 from controller.resources import resource_kinds
+from tests.dra_objects import pod, template
 from tests.fake_sysfs import VAS_GZIP_DIR, make_empty_tree, write_sysfs_file
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import PluginProcess
@@ -230,27 +231,7 @@ def _claim_template(ns: str, name: str, credits: str | None = None) -> dict[str,
     exactly: dict[str, Any] = {"deviceClassName": DRIVER}
     if credits is not None:
         exactly["capacity"] = {"requests": {"credits": credits}}
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaimTemplate",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"spec": {"devices": {"requests": [{"name": "nx", "exactly": exactly}]}}},
-    }
-
-
-def _pod(ns: str, name: str, node: str, template: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [
-                {"name": "c", "image": "busybox", "resources": {"claims": [{"name": "nx"}]}}
-            ],
-            "resourceClaims": [{"name": "nx", "resourceClaimTemplateName": template}],
-        },
-    }
+    return template(ns, name, {"devices": {"requests": [{"name": "nx", "exactly": exactly}]}})
 
 
 def _get(cp: ControlPlane, *args: str) -> dict[str, Any]:
@@ -364,7 +345,7 @@ def shared_node(control_plane: ControlPlane, device_class: None) -> Iterator[tup
             # scheduler's unschedulable queue for minutes (seen once in CI; an
             # upstream in-flight-allocation race, not a capacity question).
             for i in range(3):
-                control_plane.apply(_pod(ns, f"p{i}", node, "one-credit"))
+                control_plane.apply(pod(ns, f"p{i}", node, templates={"nx": "one-credit"}))
                 _allocated_results(control_plane, ns, f"p{i}")
             yield ns, node
         finally:
@@ -392,7 +373,10 @@ def test_a_claim_for_more_credits_than_remain_leaves_its_pod_unschedulable(
     for i in range(3):
         _allocated_results(control_plane, ns, f"p{i}")
     control_plane.apply(
-        [_claim_template(ns, "two-credits", "2"), _pod(ns, "p3", node, "two-credits")]
+        [
+            _claim_template(ns, "two-credits", "2"),
+            pod(ns, "p3", node, templates={"nx": "two-credits"}),
+        ]
     )
 
     def unschedulable() -> dict[str, Any] | None:
@@ -426,7 +410,10 @@ def test_slot_mode_gives_each_pod_its_own_device(
         assert [d["name"] for d in published["spec"]["devices"]] == SLOTS_OF_FOUR_CREDITS
         control_plane.create_namespace(ns)
         control_plane.apply(
-            [_claim_template(ns, "slot"), *(_pod(ns, f"p{i}", node, "slot") for i in range(3))]
+            [
+                _claim_template(ns, "slot"),
+                *(pod(ns, f"p{i}", node, templates={"nx": "slot"}) for i in range(3)),
+            ]
         )
         devices = []
         for i in range(3):
@@ -628,7 +615,7 @@ def test_without_consumable_capacity_a_claim_is_allocated_a_slot_device(
     node = ns = fallen_back.node_name
     with _device_class(cp):
         cp.create_namespace(ns)
-        cp.apply([_claim_template(ns, "nx"), _pod(ns, "p", node, "nx")])
+        cp.apply([_claim_template(ns, "nx"), pod(ns, "p", node, templates={"nx": "nx"})])
         ((result),) = _allocated_results(cp, ns, "p")
     assert (result["driver"], result["pool"]) == (DRIVER, node)
     assert result["device"] in SLOTS_OF_FOUR_CREDITS

@@ -327,7 +327,9 @@ class DemoNode(RealNode):
         items = self.api.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?{query}")["items"]
         return items[0] if items else None
 
-    def start_plugin(self, pod_uid: str | None = None, registered: bool = True) -> NodePlugin:
+    def start_plugin(
+        self, pod_uid: str | None = None, registered: bool = True, kubeconfig: str | None = None
+    ) -> NodePlugin:
         kubelet = self.kubelet
 
         def scheduled() -> dict[str, Any] | None:
@@ -338,15 +340,11 @@ class DemoNode(RealNode):
         # The kubelet registers the Node; then the DaemonSet controller adds its pod.
         pod = wait(f"plugin DaemonSet pod on {self.name}", scheduled, 60, 0.1)
         self.daemonset_pod = pod["metadata"]["name"]
-        plugin = NodePlugin(self, pod_uid or pod["metadata"]["uid"])
-        plugin.kubeconfig = bound_plugin_kubeconfig(self.cp, self.name, self.daemonset_pod)
-        plugin.start()
-        if registered:
-            plugin.wait_registered()
-        self.plugins.append(plugin)
-        self.plugin = plugin
-        self._write_state()
-        return plugin
+        return super().start_plugin(
+            pod_uid or pod["metadata"]["uid"],
+            registered,
+            kubeconfig or bound_plugin_kubeconfig(self.cp, self.name, self.daemonset_pod),
+        )
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:

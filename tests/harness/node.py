@@ -864,12 +864,16 @@ disabled_plugins = [
         if self.kubelet is not None:
             self.kubelet.stop(timeout=15)
 
-    def start_plugin(self, pod_uid: str | None = None, registered: bool = True) -> NodePlugin:
+    def start_plugin(
+        self, pod_uid: str | None = None, registered: bool = True, kubeconfig: str | None = None
+    ) -> NodePlugin:
         """Start a plugin instance (a DaemonSet pod); it becomes `self.plugin`.
 
         With `registered`, wait until the kubelet has registered it (else only
-        until it serves its sockets)."""
+        until it serves its sockets). `kubeconfig` replaces the admin one."""
         plugin = NodePlugin(self, pod_uid or str(uuid.uuid4()))
+        if kubeconfig is not None:
+            plugin.kubeconfig = kubeconfig
         plugin.start()
         if registered:
             plugin.wait_registered()
