@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -223,7 +222,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         pass
-
-
-# Signals the serving half reacts to (kept here so `inspect` stays import-light).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
