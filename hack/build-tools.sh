@@ -9,10 +9,9 @@
 # Usage: hack/build-tools.sh [tool ...]   (default: both)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(dirname "$here")"
 helm_version=v3.22.0
 operator_api_version=v0.45.0
-out="${TOOLS_BIN_DIR:-$root/.cache/tools/bin}"
+out="${TOOLS_BIN_DIR:-${POWER_DRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/power-dra-driver}/tools/bin}"
 mkdir -p "$out"
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(helm operator-verify)

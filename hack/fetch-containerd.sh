@@ -12,8 +12,7 @@
 # Usage: hack/fetch-containerd.sh      # prints the folder holding the binaries
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(dirname "$here")"
-cache="${CONTAINERD_CACHE_DIR:-$root/.cache/containerd}"
+cache="${CONTAINERD_CACHE_DIR:-${POWER_DRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/power-dra-driver}/containerd}"
 suite="${CONTAINERD_DEBIAN_SUITE:-trixie}"
 # The mirror is the one this machine's apt already uses (DEBIAN_MIRROR overrides).
 mirror="${DEBIAN_MIRROR:-}"

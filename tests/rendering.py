@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from tests.harness.cluster import REPO, ControlPlane, ensure_binaries
+from tests.harness.cluster import REPO, ControlPlane, cache_root, ensure_binaries
 
 MANIFESTS = REPO / "manifests"
 CHART = MANIFESTS / "helm" / "power-dra-driver"
 OLM_BUNDLE = MANIFESTS / "olm"
-TOOLS_BIN = REPO / ".cache" / "tools" / "bin"
+TOOLS_BIN = cache_root() / "tools" / "bin"
 NAMESPACE = "power-dra-driver"
 DRIVER = "nx.device.power.ibm.com"
 PLUGIN_SA = "power-dra-kubeletplugin"

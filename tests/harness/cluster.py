@@ -33,7 +33,7 @@ import yaml
 from .pki import CA, write_rsa_key
 
 REPO = Path(__file__).resolve().parents[2]
-K8S_GO_MOD = REPO / "hack" / "k8s-bin" / "go.mod"
+K8S_MODULES = REPO / "hack" / "k8s-bin"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet")
 RESOURCE_RUNTIME_CONFIG = (
     "resource.k8s.io/v1=true,resource.k8s.io/v1beta1=true,resource.k8s.io/v1beta2=true"
@@ -42,26 +42,53 @@ RESOURCE_RUNTIME_CONFIG = (
 NODE_TOKENS = tuple(f"node-{i}" for i in range(8))
 
 
-def k8s_version() -> str:
-    """The pinned Kubernetes release, e.g. v1.36.3."""
-    for line in K8S_GO_MOD.read_text().splitlines():
+def k8s_release() -> str:
+    """The Kubernetes minor release the harness runs: K8S_RELEASE, else the default pin."""
+    release = os.environ.get("K8S_RELEASE") or (K8S_MODULES / "DEFAULT").read_text().strip()
+    return release.removeprefix("v")
+
+
+def k8s_minor(release: str | None = None) -> int:
+    """The minor number of a release such as 1.32 (the harness's release by default)."""
+    return int((release or k8s_release()).split(".")[1])
+
+
+def k8s_version(release: str | None = None) -> str:
+    """The pinned patch of a release, e.g. v1.37.2 for 1.37 (from its tool module)."""
+    go_mod = K8S_MODULES / f"v1.{k8s_minor(release)}" / "go.mod"
+    if not go_mod.exists():
+        known = sorted(p.name for p in K8S_MODULES.glob("v1.*"))
+        raise RuntimeError(f"no tool module {go_mod} for Kubernetes {release}; known: {known}")
+    for line in go_mod.read_text().splitlines():
         if line.startswith("require k8s.io/kubernetes "):
             return line.split()[2]
-    raise RuntimeError(f"no k8s.io/kubernetes requirement in {K8S_GO_MOD}")
+    raise RuntimeError(f"no k8s.io/kubernetes requirement in {go_mod}")
 
 
-def k8s_bin_dir() -> Path:
-    """Where the built binaries live (K8S_BIN_DIR overrides)."""
+def cache_root() -> Path:
+    """Build caches shared by clones and CI runs (POWER_DRA_CACHE overrides)."""
+    env = os.environ.get("POWER_DRA_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "power-dra-driver"
+
+
+def k8s_bin_dir(release: str | None = None) -> Path:
+    """Where a release's built binaries live (K8S_BIN_DIR overrides for the default)."""
     env = os.environ.get("K8S_BIN_DIR")
-    return Path(env) if env else REPO / ".cache" / "k8s" / k8s_version() / "bin"
+    if env and release is None:
+        return Path(env)
+    return cache_root() / "k8s" / k8s_version(release) / "bin"
 
 
-def ensure_binaries(names: Sequence[str] = BINARIES) -> Path:
-    """Build missing binaries once (see hack/build-k8s.sh); return their folder."""
-    bin_dir = k8s_bin_dir()
+def ensure_binaries(names: Sequence[str] = BINARIES, release: str | None = None) -> Path:
+    """Build a release's missing binaries once (see hack/build-k8s.sh); return their folder."""
+    bin_dir = k8s_bin_dir(release)
     missing = [n for n in names if not (bin_dir / n).exists()]
     if missing:
-        subprocess.run([str(REPO / "hack" / "build-k8s.sh"), *missing], check=True)
+        env = {**os.environ, "K8S_RELEASE": release or k8s_release()}
+        subprocess.run([str(REPO / "hack" / "build-k8s.sh"), *missing], check=True, env=env)
     return bin_dir
 
 

@@ -51,7 +51,7 @@ import yaml
 
 from tests.fake_sysfs import VAS_GZIP_DIR, make_powervm_tree, write_sysfs_file
 
-from .cluster import REPO, ControlPlane, Process, ensure_binaries, free_port
+from .cluster import REPO, ControlPlane, Process, cache_root, ensure_binaries, free_port
 from .images import BUSYBOX_IMAGE, PAUSE_IMAGE, build_test_images, find_static_busybox
 from .plugin import DRIVER, PluginProcess
 
@@ -124,7 +124,7 @@ def allow_kubelet_api_access(cp: ControlPlane) -> None:
 def containerd_bin_dir() -> Path:
     """Where containerd, ctr and the runc shim are (CONTAINERD_BIN_DIR overrides)."""
     env = os.environ.get("CONTAINERD_BIN_DIR")
-    return Path(env) if env else REPO / ".cache" / "containerd" / "root" / "usr" / "bin"
+    return Path(env) if env else cache_root() / "containerd" / "root" / "usr" / "bin"
 
 
 def ensure_containerd() -> Path:

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tool module: builds the Kubernetes binaries the test harness runs.
-module power-dra-driver/hack/k8s-bin
+// Tool module: builds the Kubernetes v1.36.3 binaries the test harness runs.
+// Written by hack/k8s-mod.sh v1.36.3.
+module power-dra-driver/hack/k8s-bin/v1.36
 
 go 1.26.0
 
@@ -210,8 +211,6 @@ replace (
 	k8s.io/metrics => k8s.io/metrics v0.36.3
 	k8s.io/mount-utils => k8s.io/mount-utils v0.36.3
 	k8s.io/pod-security-admission => k8s.io/pod-security-admission v0.36.3
-	k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.36.3
-	k8s.io/sample-cli-plugin => k8s.io/sample-cli-plugin v0.36.3
-	k8s.io/sample-controller => k8s.io/sample-controller v0.36.3
+	k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.36.6
 	k8s.io/streaming => k8s.io/streaming v0.36.3
 )
