@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -45,6 +46,33 @@ def _ssl_context(config: ClusterConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
+# TCP keepalive on every API connection: a peer that vanished (node cut off,
+# NAT entry dropped) is noticed after KEEPALIVE_IDLE + KEEPALIVE_COUNT *
+# KEEPALIVE_INTERVAL seconds instead of the kernel's two hours.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+# A watch ends by the server after its timeoutSeconds; one that stays silent
+# this much longer (no event, no bookmark, no end; half the timeout for short
+# ones) is on a dead connection.
+WATCH_READ_GRACE = 30.0
+
+
+def keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket for `addr_info` (family, type, proto, ...) with keepalive probes on."""
+    family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
+
+
 def _describe(method: str, path: str) -> str:
     return f"{method} {path}"
 
@@ -53,6 +81,8 @@ class ApiClient:
     """An HTTP/1.1 keep-alive connection pool to the API server.
 
     `qps`/`burst` bound request rate (watches excepted, as they are long-lived).
+    `watch_timeout` is the default server-side length of a watch (seconds); a
+    watch silent for `watch_timeout + WATCH_READ_GRACE` is dropped as dead.
     """
 
     def __init__(
@@ -64,8 +94,10 @@ class ApiClient:
         user_agent: str = "power-dra-driver",
         timeout: float = 30.0,
         max_connections: int = 64,
+        watch_timeout: float = 300.0,
     ) -> None:
         self.config = config
+        self.watch_timeout = watch_timeout
         self.limiter = TokenBucket(qps, burst)
         self._timeout = timeout
         self._user_agent = user_agent
@@ -76,7 +108,10 @@ class ApiClient:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                ssl=_ssl_context(self.config), limit=self._max_connections, keepalive_timeout=60
+                ssl=_ssl_context(self.config),
+                limit=self._max_connections,
+                keepalive_timeout=60,
+                socket_factory=keepalive_socket,
             )
             self._session = aiohttp.ClientSession(
                 base_url=self.config.server,
@@ -300,14 +335,19 @@ class ApiClient:
         resource_version: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-        timeout_seconds: int = 300,
+        timeout_seconds: float | None = None,
         allow_bookmarks: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream watch events (`{"type", "object"}`) until the server ends the watch.
 
-        An ERROR event becomes the matching exception (410 -> Gone).
+        The server ends it after `timeout_seconds` (default: the client's
+        `watch_timeout`); silence for up to WATCH_READ_GRACE longer than that means
+        the connection is dead and raises Unavailable, so the caller re-opens
+        it instead of waiting forever. An ERROR event becomes the matching
+        exception (410 -> Gone).
         """
-        params = {"watch": "1", "timeoutSeconds": str(timeout_seconds)}
+        seconds = max(1, round(self.watch_timeout if timeout_seconds is None else timeout_seconds))
+        params = {"watch": "1", "timeoutSeconds": str(seconds)}
         if allow_bookmarks:
             params["allowWatchBookmarks"] = "true"
         if resource_version:
@@ -324,7 +364,11 @@ class ApiClient:
                 path,
                 params=params,
                 headers=self._headers(None),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self._timeout,
+                    sock_read=seconds + min(WATCH_READ_GRACE, max(2.0, seconds / 2)),
+                ),
             ) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()

@@ -100,7 +100,7 @@ class Informer:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-        watch_timeout: int = 300,
+        watch_timeout: float | None = None,
         max_backoff: float = 30.0,
     ) -> None:
         self.client = client

@@ -344,7 +344,12 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
         leader_gauge.set(1 if leading else 0)
 
     async with (
-        ApiClient(cluster, qps=args.kube_api_qps, burst=args.kube_api_burst) as client,
+        ApiClient(
+            cluster,
+            qps=args.kube_api_qps,
+            burst=args.kube_api_burst,
+            watch_timeout=args.watch_timeout,
+        ) as client,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
