@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
 import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 import orjson
 
 from .errors import ApiError, Gone, Invalid, NotFound, Unauthorized, Unavailable, error_from_status
-from .kubeconfig import ClusterConfig
+from .kubeconfig import ClusterConfig, ExecCredential
 from .ratelimit import TokenBucket
 from .resources import RESOURCE_GROUP, Resource, pick_resource_version
 
@@ -32,16 +35,39 @@ STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is valid YAML
 
 
-def _ssl_context(config: ClusterConfig) -> ssl.SSLContext | bool:
+def _load_cert_chain_from_memory(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    # The ssl module loads a key pair only from files: a private directory that
+    # exists for the duration of this call, so no credential outlives it on disk.
+    with tempfile.TemporaryDirectory(prefix="power-dra-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, data in ((cert_path, cert), (key_path, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def _ssl_context(
+    config: ClusterConfig, exec_credential: ExecCredential | None = None
+) -> ssl.SSLContext | bool:
     if not config.server.startswith("https"):
         return False
     if config.insecure_skip_tls_verify:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    elif config.ca_data:
+        ctx = ssl.create_default_context(cadata=config.ca_data.decode())
     else:
         ctx = ssl.create_default_context(cafile=config.ca_file)
-    if config.client_cert_file:
+    if exec_credential is not None and exec_credential.client_cert_data:
+        assert exec_credential.client_key_data is not None
+        _load_cert_chain_from_memory(
+            ctx, exec_credential.client_cert_data, exec_credential.client_key_data
+        )
+    elif config.client_cert_data and config.client_key_data:
+        _load_cert_chain_from_memory(ctx, config.client_cert_data, config.client_key_data)
+    elif config.client_cert_file:
         ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
     return ctx
 
@@ -104,11 +130,28 @@ class ApiClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._resource_version: str | None = None
+        # The exec credential the session was built with (its client certificate).
+        self._session_credential: ExecCredential | None = None
+
+    async def _refresh_credentials(self) -> None:
+        """With an exec plugin: run it when its credential is missing or expired
+        (in a worker thread), and rebuild the connection pool when the new
+        credential brings another client certificate."""
+        plugin = self.config.exec_plugin
+        if plugin is None or plugin.valid() is not None:
+            return
+        credential = await anyio.to_thread.run_sync(plugin.credential)
+        old = self._session_credential
+        if credential.client_cert_data and (
+            old is None or old.client_cert_data != credential.client_cert_data
+        ):
+            await self.close()  # the next request connects with the new certificate
+        self._session_credential = credential
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                ssl=_ssl_context(self.config),
+                ssl=_ssl_context(self.config, self._session_credential),
                 limit=self._max_connections,
                 keepalive_timeout=60,
                 socket_factory=keepalive_socket,
@@ -152,8 +195,37 @@ class ApiClient:
         content_type: str = JSON,
         what: str = "",
     ) -> Any:
-        """Send one request and return the decoded JSON answer (None when empty)."""
+        """Send one request and return the decoded JSON answer (None when empty).
+
+        With an exec credential plugin, a 401 makes it fetch a new credential
+        and the request is sent once more.
+        """
+        try:
+            return await self._request_once(
+                method, path, params=params, body=body, content_type=content_type, what=what
+            )
+        except Unauthorized:
+            plugin = self.config.exec_plugin
+            if plugin is None:
+                raise
+            log.info("API server refused our exec credential; fetching a new one")
+            plugin.invalidate(plugin.valid())
+            return await self._request_once(
+                method, path, params=params, body=body, content_type=content_type, what=what
+            )
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        what: str,
+    ) -> Any:
         await self.limiter.acquire()
+        await self._refresh_credentials()
         session = self._ensure_session()
         data = orjson.dumps(body) if body is not None else None
         what = what or _describe(method, path)
@@ -356,6 +428,7 @@ class ApiClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
+        await self._refresh_credentials()
         session = self._ensure_session()
         path = res.path(namespace)
         what = f"watch {res.plural}"
@@ -373,6 +446,9 @@ class ApiClient:
                 if resp.status >= 400:
                     raw = await resp.read()
                     body = orjson.loads(raw) if raw.startswith(b"{") else None
+                    if resp.status == 401 and self.config.exec_plugin is not None:
+                        # The caller re-opens the watch: with a fresh credential.
+                        self.config.exec_plugin.invalidate(self.config.exec_plugin.valid())
                     raise error_from_status(resp.status, body, what=what)
                 buf = b""
                 async for chunk in resp.content.iter_any():
