@@ -39,3 +39,27 @@ def test_a_device_whose_node_vanished_stays_listed_as_unhealthy(tmp_path: Path) 
     (h,) = device_health(view)
     assert (h.device_name, h.healthy) == ("nx-gzip", False)
     assert "/dev/crypto/nx-gzip is missing" in h.message
+
+
+def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from kubeletplugin.plugin import _forget_devices_of_old_mode
+
+    class Driver:
+        woken = 0
+
+        def notify_health_changed(self) -> None:
+            self.woken += 1
+
+    view = _view(tmp_path)
+    assert [h.device_name for h in device_health(view)] == ["nx-gzip"]  # shared mode
+    view._options = replace(view._options, mode="slots")  # the publisher fell back
+    driver = Driver()
+    _forget_devices_of_old_mode(view, driver)  # type: ignore[arg-type]
+    health = device_health(view)
+    assert "nx-gzip" not in [h.device_name for h in health]
+    assert all(h.healthy for h in health)
+    assert driver.woken == 1
