@@ -219,8 +219,12 @@ def first_available_claim(ns: str, name: str, nx_class: str) -> dict[str, Any]:
                 {
                     "name": "nx",
                     "firstAvailable": [
-                        {"name": "impossible", "exactly": {"deviceClassName": "no-such-class"}},
-                        {"name": "shared", "exactly": {"deviceClassName": nx_class}},
+                        {
+                            "name": "big",  # more credits than the node has
+                            "deviceClassName": nx_class,
+                            "capacity": {"requests": {"credits": "100000"}},
+                        },
+                        {"name": "shared", "deviceClassName": nx_class},
                     ],
                 }
             ]
