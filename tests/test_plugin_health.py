@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from kubeletplugin.discovery import discover
 from kubeletplugin.main import build_parser
@@ -63,3 +66,19 @@ def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
     assert "nx-gzip" not in [h.device_name for h in health]
     assert all(h.healthy for h in health)
     assert driver.woken == 1
+
+
+def test_rediscovery_logs_a_warning_only_when_it_is_new(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kubeletplugin.main import discover_node
+
+    sysfs = make_powervm_tree(tmp_path / "sys", total_credits="lots")
+    args = build_parser().parse_args(["--node-name", "n1", "--sysfs-root", str(sysfs)])
+    with caplog.at_level(logging.WARNING, logger="kubeletplugin"):
+        first = discover_node(args)
+        assert first.warnings
+        again = discover_node(args, first.warnings)  # every 30 s
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.count(first.warnings[0]) == 1
+    assert again.warnings == first.warnings
