@@ -308,14 +308,18 @@ class NxDriver:
                     "it was deleted before its pod started"
                 ) from exc
             except ApiError as exc:
-                if not exc.retryable or time.monotonic() + delay > deadline:
+                if not exc.retryable:
                     raise
-                stage[0] = f"reading the claim from the API server (last error: {clip(str(exc))})"
+                # Retried until the call's deadline (the caller's scope ends it);
+                # the timeout answer then quotes the last error.
+                stage[0] = (
+                    f"reading the claim from the API server (last error: {clip(str(exc), 300)})"
+                )
                 log.warning(
                     "reading claim failed, retrying",
                     extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc)},
                 )
-                await anyio.sleep(delay)
+                await anyio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 2.0)
 
     # --- unprepare -----------------------------------------------------------------
