@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.dra_objects import allocate_claims, device_class
+from tests.dra_objects import allocate_claims, claim, device_class, pod
 from tests.harness.cluster import ControlPlane, write_kubeconfig
 from tests.harness.plugin import PluginProcess
 from tests.harness.tcpproxy import TcpProxy
@@ -70,6 +70,7 @@ def cluster(control_plane: ControlPlane) -> Iterator[Cluster]:
     try:
         publisher.wait_for_slices(START_TIMEOUT)
         claims = allocate_claims(control_plane, ns, node, device_class_name=cls, count=CLAIMS)
+        claims.append(allocate_first_available_claim(control_plane, ns, node, cls))
     finally:
         publisher.stop()
     yield Cluster(control_plane, node, claims, root)
@@ -77,6 +78,39 @@ def cluster(control_plane: ControlPlane) -> Iterator[Cluster]:
     control_plane.kubectl("delete", "deviceclass", cls, "--wait=false", check=False)
     control_plane.kubectl("delete", "node", node, "--wait=false", check=False)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def allocate_first_available_claim(cp: ControlPlane, ns: str, node: str, cls: str) -> ClaimName:
+    """A prioritized-list claim the scheduler allocates from its second subrequest."""
+    request = {
+        "name": "nx",
+        "firstAvailable": [
+            {
+                "name": "big",  # more credits than the node has
+                "deviceClassName": cls,
+                "capacity": {"requests": {"credits": "100000"}},
+            },
+            {"name": "small", "deviceClassName": cls},
+        ],
+    }
+    cp.apply(
+        [
+            claim(ns, "prioritized", {"devices": {"requests": [request]}}),
+            pod(ns, "holder-prioritized", node, claims={"nx": "prioritized"}),
+        ]
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        obj = json.loads(
+            cp.kubectl("get", "resourceclaim", "prioritized", "-n", ns, "-o", "json").stdout
+        )
+        allocation = (obj.get("status") or {}).get("allocation")
+        if allocation:
+            [result] = allocation["devices"]["results"]
+            assert result["request"] == "nx/small"
+            return ClaimName(ns, obj["metadata"]["uid"], "prioritized")
+        time.sleep(0.1)
+    raise TimeoutError("the prioritized claim was not allocated")
 
 
 # --- the plugin's files ---------------------------------------------------------------
@@ -166,6 +200,8 @@ class Kubelet:
     def record_prepared(self, answers: dict[str, PrepareAnswer], batch: list[ClaimName]) -> None:
         for c in batch:
             answer = answers[c.uid]
+            # The prioritized claim's device is answered under its parent request.
+            assert all(d.request_names == ("nx",) for d in answer.devices), answer
             if answer.error and self.api_down:
                 assert "deadline exceeded" in answer.error, f"{c.name}: {answer.error}"
                 self.state[c.uid] = "unprepared"  # nothing of it was written
