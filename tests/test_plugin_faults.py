@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.dra_objects import allocate_claims, claim, device_class, pod
@@ -43,6 +44,8 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc)
 
 
 def wait_until(pred: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
@@ -53,6 +56,16 @@ def wait_until(pred: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> 
             return value
         time.sleep(0.05)
     raise TimeoutError(f"no {what} after {timeout} s")
+
+
+def fresh_socket_answers(path: Path, stale_inode: int) -> bool:
+    try:
+        if path.stat().st_ino == stale_inode:
+            return False
+        get_plugin_info(path)
+    except (OSError, grpc.RpcError):
+        return False
+    return True
 
 
 @dataclass
@@ -160,8 +173,14 @@ def test_a_plugin_restarted_while_the_api_server_is_down_prepares_known_claims(
     with DraClient(plugin.dra_socket) as client:
         first = client.prepare([known], timeout=SHORT_DEADLINE)[known.uid]
     proxied.proxy.refuse()
+    stale = plugin.registration_socket.stat().st_ino
     plugin.kill()
-    plugin.start()
+    plugin.start(wait=False)
+    plugin.wait_for(
+        lambda: fresh_socket_answers(plugin.registration_socket, stale),
+        TIMEOUT,
+        "a fresh registration socket answering GetInfo",
+    )
     with DraClient(plugin.dra_socket) as client:
         answers = client.prepare([known, new], timeout=SHORT_DEADLINE)
     assert answers[known.uid] == first
