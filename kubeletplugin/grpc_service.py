@@ -352,8 +352,10 @@ class _RegistrationService:
         self.state = RegistrationState()
         self._last_refusal: tuple[str, float] | None = None  # (reason, when logged)
         self._refusals_not_logged = 0
+        self.info_answered = anyio.Event()
 
     async def get_info(self, request: Any, budget: float) -> Any:
+        self.info_answered.set()
         return registration_api.PluginInfo(
             type=PLUGIN_TYPE,
             name=self._driver_name,
@@ -752,6 +754,11 @@ class PluginServers:
             reg_lifecycle,
         )
         self._grace = shutdown_grace
+
+    @property
+    def info_answered(self) -> anyio.Event:
+        """Set once GetInfo was answered (the kubelet found us)."""
+        return self._registration.info_answered
 
     @property
     def registration(self) -> RegistrationState:

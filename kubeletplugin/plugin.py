@@ -10,6 +10,7 @@ import gc
 import importlib
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,7 +129,7 @@ async def run_plugin(args: argparse.Namespace) -> None:
     # moving them out of the collector's view keeps full collections short, which
     # is what shows up in prepare tail latency.
     gc.freeze()
-    async with PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets):
+    async with PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets) as servers:
         log.info(
             "serving the kubelet",
             extra={
@@ -137,6 +138,10 @@ async def run_plugin(args: argparse.Namespace) -> None:
                 "startupSeconds": round(time.monotonic() - started, 3),
             },
         )
+        # The kubelet asks GetInfo (1 s timeout) as soon as the socket appears: let
+        # it be answered before the imports below compete for the interpreter.
+        with anyio.move_on_after(GET_INFO_HEAD_START):
+            await servers.info_answered.wait()
         await _serve_cluster_side(args, view, driver, sockets)
     log.info("stopped")
 
@@ -149,11 +154,23 @@ CLUSTER_SIDE_MODULES = (
 )
 
 
+# How long the cluster side waits for the kubelet's first GetInfo before starting.
+GET_INFO_HEAD_START = 0.2
+# While the worker thread imports, the GIL is handed over this often (default 5 ms):
+# the event loop answering the kubelet waits less for it.
+IMPORT_SWITCH_INTERVAL = 0.0005
+
+
 def _import_cluster_side() -> None:
     """Import the API layer, the publisher and the gRPC client (a worker thread's job:
     ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
-    for module in CLUSTER_SIDE_MODULES:
-        importlib.import_module(module)
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
+    try:
+        for module in CLUSTER_SIDE_MODULES:
+            importlib.import_module(module)
+    finally:
+        sys.setswitchinterval(default)
 
 
 async def _serve_cluster_side(
