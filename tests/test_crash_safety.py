@@ -447,3 +447,7 @@ def test_rebuilt_claims_unprepare_and_leave_no_spec(corrupted_own: Corrupted) ->
     assert set(answers.values()) == {""}
     assert spec_claims(corrupted_own.plugin) == set()
     assert checkpoint_claims(corrupted_own.plugin) == set()
+
+
+def test_each_repair_at_start_is_logged_once(corrupted: Corrupted) -> None:
+    assert corrupted.plugin.log().count("is unusable") == 1
