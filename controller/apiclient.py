@@ -22,7 +22,7 @@ import anyio
 import orjson
 
 from .errors import ApiError, Gone, Invalid, NotFound, Unauthorized, Unavailable, error_from_status
-from .kubeconfig import ClusterConfig, ExecCredential
+from .kubeconfig import ClusterConfig, ConfigError, ExecCredential
 from .ratelimit import TokenBucket
 from .resources import RESOURCE_GROUP, Resource, pick_resource_version
 
@@ -140,7 +140,11 @@ class ApiClient:
         plugin = self.config.exec_plugin
         if plugin is None or plugin.valid() is not None:
             return
-        credential = await anyio.to_thread.run_sync(plugin.credential)
+        try:
+            credential = await anyio.to_thread.run_sync(plugin.credential)
+        except ConfigError as exc:
+            # Often transient (the token service is unreachable): callers retry.
+            raise Unavailable(0, "CredentialsUnavailable", str(exc)) from exc
         old = self._session_credential
         if credential.client_cert_data and (
             old is None or old.client_cert_data != credential.client_cert_data

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from controller.apiclient import ApiClient
+from controller.errors import Unavailable
 from controller.kubeconfig import (
     EXEC_EXPIRY_MARGIN,
     ConfigError,
@@ -42,6 +43,8 @@ PLUGIN = textwrap.dedent(
         f.write(info["apiVersion"] + "\\n")
     tokens = json.loads((here / "tokens.json").read_text())
     token, expires = tokens[min(n, len(tokens) - 1)]
+    if token == "FAIL":
+        sys.exit("token service unreachable")
     status = {"token": token}
     if expires:
         status["expirationTimestamp"] = expires
@@ -150,6 +153,21 @@ async def test_a_refused_exec_credential_is_replaced_and_the_request_repeated(
     async with ApiClient(config) as client:
         version = await client.request("GET", "/version")
     assert version["major"]
+    assert exec_setup.runs() == 2
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_failing_exec_plugin_is_a_retryable_error(
+    control_plane: ControlPlane, exec_setup: ExecSetup
+) -> None:
+    exec_setup.tokens(("FAIL", None), (control_plane.tokens["admin"], None))
+    config = await load_cluster_config(exec_setup.path)
+    async with ApiClient(config) as client:
+        with pytest.raises(Unavailable, match="token service unreachable") as info:
+            await client.request("GET", "/version")
+        assert info.value.retryable
+        assert (await client.request("GET", "/version"))["major"]
     assert exec_setup.runs() == 2
 
 
