@@ -351,8 +351,11 @@ def _cgroup_procs(name: str) -> list[int]:
     return sorted(pids)
 
 
-def remove_cgroup_root(name: str, timeout: float = 15.0) -> list[str]:
-    """Kill what runs under our cgroup root and remove it everywhere; returns leftovers."""
+def remove_cgroup_root(name: str, timeout: float = 60.0) -> list[str]:
+    """Kill what runs under our cgroup root and remove it everywhere; returns leftovers.
+
+    Under load a killed container's cgroup stays busy for seconds after its last task
+    died, so the loop retries well past that before reporting a leftover."""
     deadline = time.monotonic() + timeout
     left: list[str] = []
     while True:
