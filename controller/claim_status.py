@@ -339,10 +339,13 @@ class ClaimStatusController:
         )
 
     def _status_dropped(self, key: str) -> None:
-        """The server answered the write without our entries: it does not keep them."""
-        self.device_status_kept = False
+        """The server answered the write without our entries: it does not keep them.
+        Said once per process (writes already under way when it is first seen only count)."""
         if self.on_status_dropped is not None:
             self.on_status_dropped()
+        if not self.device_status_kept:
+            return
+        self.device_status_kept = False
         log.warning(
             "the API server dropped status.devices of claim %s: it does not keep claim device "
             "status (Kubernetes 1.32, or the DRAResourceClaimDeviceStatus feature gate off); "
