@@ -36,7 +36,16 @@ import orjson
 
 from controller.atomic_write import atomic_write_bytes, fsync_directory
 from kubeletplugin.cdi import list_claim_specs, prepared_claim_from_spec
-from kubeletplugin.claims import PreparedClaim
+from kubeletplugin.claims import PreparedClaim, PreparedDevice
+from kubeletplugin.ibm_state import (
+    ADOPTED_CLAIM_CREDITS,
+    IBM_DEVICE_NAME,
+    IbmCheckpointError,
+    decode_ibm_checkpoint,
+    ibm_cdi_device_ids,
+    ibm_claim_spec_uids,
+    looks_like_ibm_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +153,9 @@ def load_checkpoint(
       written back: the next `save_checkpoint` records the recovered claims.
     - Written in an earlier boot: the claims are kept, since the kubelet
       prepares its pods' claims again after a reboot; noted as a problem.
+    - Written by IBM's Go driver (same path, its own format): its claims are
+      adopted (see `ibm_state`), noted as a problem so that the caller writes
+      them in our format; a damaged one is recovered like ours.
     """
     try:
         data = path.read_bytes()
@@ -151,6 +163,8 @@ def load_checkpoint(
         return LoadedCheckpoint({}, [])
     except OSError as exc:
         return _recover(path, cdi_root, f"cannot read it: {exc}")
+    if _is_ibm_checkpoint(data):
+        return _adopt_ibm_checkpoint(path, cdi_root, data)
     try:
         saved_boot_id, claims = decode_checkpoint(data)
     except (ValueError, TypeError) as exc:  # CheckpointError, and anything unforeseen
@@ -165,6 +179,39 @@ def load_checkpoint(
         log.warning("%s", note)
         return LoadedCheckpoint(claims, [note])
     return LoadedCheckpoint(claims, [])
+
+
+def _is_ibm_checkpoint(data: bytes) -> bool:
+    try:
+        return looks_like_ibm_checkpoint(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _adopt_ibm_checkpoint(path: Path, cdi_root: Path, data: bytes) -> LoadedCheckpoint:
+    try:
+        claims = decode_ibm_checkpoint(data)
+    except IbmCheckpointError as exc:
+        return _recover(path, cdi_root, f"written by IBM's driver, but {exc}")
+    note = (
+        f"checkpoint {path} was written by IBM's driver: adopted its {len(claims)} prepared "
+        f"claims ({', '.join(sorted(claims)) or 'none'}); their pods keep IBM's CDI specs "
+        "until the kubelet unprepares them"
+    )
+    log.warning("%s", note)
+    return LoadedCheckpoint(claims, [note])
+
+
+def _recovered_ibm_claim(uid: str) -> PreparedClaim:
+    # IBM's spec file names the claim and nothing else: pool and request names are lost.
+    device = PreparedDevice(
+        request_names=(),
+        pool_name="",
+        device_name=IBM_DEVICE_NAME,
+        cdi_device_ids=ibm_cdi_device_ids(uid),
+        credits=ADOPTED_CLAIM_CREDITS,
+    )
+    return PreparedClaim(uid=uid, namespace="", name="", devices=(device,))
 
 
 def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
@@ -189,6 +236,17 @@ def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
             problems.append(f"CDI spec of claim {uid} cannot be recovered: {exc}")
             continue
         claims[uid] = claim
+    # Claims adopted from IBM's driver have no spec of ours, but IBM's spec names them.
+    try:
+        ibm_uids = ibm_claim_spec_uids(cdi_root)
+    except OSError as exc:
+        ibm_uids = set()
+        problems.append(f"cannot list IBM's CDI specs in {cdi_root}: {exc}")
+    for uid in sorted(ibm_uids - set(claims)):
+        try:
+            claims[uid] = _recovered_ibm_claim(uid)
+        except ValueError as exc:
+            problems.append(f"IBM's CDI spec of claim {uid} cannot be recovered: {exc}")
     message = (
         f"checkpoint {path} is unusable ({reason}); moved to {moved}; rebuilt "
         f"{len(claims)} claims from the CDI specs in {cdi_root}"
