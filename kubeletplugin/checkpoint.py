@@ -35,16 +35,20 @@ import anyio
 import orjson
 
 from controller.atomic_write import atomic_write_bytes, fsync_directory
-from kubeletplugin.cdi import list_claim_specs, prepared_claim_from_spec
+from kubeletplugin.cdi import SPEC_FILE_PREFIX, list_claim_specs, prepared_claim_from_spec
 from kubeletplugin.claims import PreparedClaim, PreparedDevice
 from kubeletplugin.ibm_state import (
     ADOPTED_CLAIM_CREDITS,
+    IBM_COMMON_SPEC_FILE,
     IBM_DEVICE_NAME,
+    IBM_SPEC_SUFFIX,
     IbmCheckpointError,
+    credits_outside_our_slice,
     decode_ibm_checkpoint,
     ibm_cdi_device_ids,
     ibm_claim_spec_uids,
     looks_like_ibm_checkpoint,
+    uses_ibm_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -371,3 +375,53 @@ class StateLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def describe_state(path: Path, cdi_root: Path) -> dict[str, Any]:
+    """What the state file and CDI directory hold, for `inspect`; reads only, never raises.
+
+    Says whose state file it is (ours, IBM's driver's, none, or unusable), the
+    prepared claims (marking those adopted from IBM's driver), and which of
+    IBM's files are still on the node: once no claim of IBM's is left, the
+    take-over is complete.
+    """
+    report: dict[str, Any] = {"stateFile": str(path), "cdiRoot": str(cdi_root)}
+    claims: dict[str, PreparedClaim] = {}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        report["owner"] = "none"
+    except OSError as exc:
+        report["owner"], report["problem"] = "unreadable", str(exc)
+    else:
+        try:
+            if _is_ibm_checkpoint(data):
+                report["owner"] = "ibm"
+                claims = decode_ibm_checkpoint(data)
+            else:
+                report["owner"] = "power-dra-driver"
+                report["bootId"], claims = decode_checkpoint(data)
+        except (ValueError, TypeError) as exc:
+            report["problem"] = f"{exc} (the plugin moves it aside at start)"
+    try:
+        names = sorted(os.listdir(cdi_root))
+    except OSError:
+        names = []
+    ibm_files = [n for n in names if n == IBM_COMMON_SPEC_FILE or n.endswith(IBM_SPEC_SUFFIX)]
+    ibm_files = [n for n in ibm_files if n.startswith(SPEC_FILE_PREFIX)]
+    adopted = sorted(uid for uid, c in claims.items() if uses_ibm_specs(c))
+    report["claims"] = {
+        uid: {**c.to_dict(), "adoptedFromIbm": uid in adopted} for uid, c in sorted(claims.items())
+    }
+    report["ibmFiles"] = ibm_files + ([path.name] if report["owner"] == "ibm" else [])
+    report["creditsHeldOutsideOurSlice"] = credits_outside_our_slice(claims.values())
+    if report["owner"] == "ibm":
+        report["migration"] = "not started: the plugin adopts IBM's claims when it starts"
+    elif adopted or ibm_files:
+        report["migration"] = (
+            f"in progress: {len(adopted)} claims adopted from IBM's driver still prepared; "
+            "IBM's files go with the last of them"
+        )
+    else:
+        report["migration"] = "complete: nothing of IBM's driver is left on this node"
+    return report
