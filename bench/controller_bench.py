@@ -30,8 +30,10 @@ from typing import Any
 from bench.plugin_bench import claim_obj, pct, rss_mib
 from controller.apiclient import ApiClient
 from controller.kubeconfig import load_cluster_config
+from controller.names import DRIVER_NAME
 from controller.resources import NODES, resource_kinds
-from tests.harness.cluster import REPO, ControlPlane, Process, free_port
+from tests.dra_objects import device_class
+from tests.harness.cluster import ControlPlane, Process, free_port
 
 DRIVER = "nx.device.power.ibm.com"
 NS = "bench"
@@ -169,7 +171,7 @@ def run_scale(scale: int, args: argparse.Namespace, work: Path) -> dict[str, Any
     procs: list[Process] = []
     try:
         cp.create_namespace(NS)
-        cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/base/deviceclass.yaml"))
+        cp.apply(device_class(DRIVER_NAME))
 
         async def setup() -> None:
             cfg = await load_cluster_config(cp.kubeconfig)

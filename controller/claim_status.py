@@ -275,6 +275,7 @@ class ClaimStatusController:
         driver: str = DRIVER,
         workers: int = 4,
         on_result: Callable[[str, BaseException | None, float], None] | None = None,
+        on_status_dropped: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.api_version = api_version
@@ -287,6 +288,10 @@ class ClaimStatusController:
         self.on_result = on_result
         # claim key -> name of the Event last recorded for it (so retries do not call the API)
         self._reported: dict[str, str] = {}
+        # False once the server was seen dropping status.devices (Kubernetes 1.32, or
+        # DRAResourceClaimDeviceStatus off): writes stop, Events go on.
+        self.device_status_kept = True
+        self.on_status_dropped = on_status_dropped
         self.informer.add_handler(self._changed)
 
     def _changed(self, key: str, old: Obj | None, new: Obj | None) -> None:
@@ -330,11 +335,13 @@ class ClaimStatusController:
             await self._report(key, claim, problem)
         elif notes := config_notes(claim, self.driver):
             await self._report(key, claim, notes, EVENT_REASON_INEFFECTIVE)
-        if entries_match(current_entries(claim, self.driver), entries):
+        if not self.device_status_kept or entries_match(
+            current_entries(claim, self.driver), entries
+        ):
             return
         body = status_apply_body(claim, entries, self.api_version)
         try:
-            await self.client.apply(
+            written = await self.client.apply(
                 self.resource, body, field_manager=FIELD_MANAGER, subresource="status"
             )
         except Invalid as exc:
@@ -350,9 +357,26 @@ class ClaimStatusController:
                 f"{self.driver} (see docs/RBAC-controller.md); server said: {exc.message}",
                 what=exc.what,
             ) from exc
+        if entries and not entries_match(current_entries(written, self.driver), entries):
+            self._status_dropped(key)
+            return
         log.info(
             "updated claim device status",
             extra={"claim": key, "devices": len(entries), "ready": problem is None},
+        )
+
+    def _status_dropped(self, key: str) -> None:
+        """The server answered the write without our entries: it does not keep them."""
+        self.device_status_kept = False
+        if self.on_status_dropped is not None:
+            self.on_status_dropped()
+        log.warning(
+            "the API server dropped status.devices of claim %s: it does not keep claim device "
+            "status (Kubernetes 1.32, or the DRAResourceClaimDeviceStatus feature gate off); "
+            "no claim of this driver gets status.devices from this controller until it "
+            "restarts, invalid NxConfig parameters are still reported as Warning Events",
+            key,
+            extra={"claim": key},
         )
 
     async def run(

@@ -231,7 +231,11 @@ def _on_result(
 
 
 async def run_controllers(
-    client: ApiClient, settings: Settings, metrics: ReconcileMetrics, state: RunState
+    client: ApiClient,
+    settings: Settings,
+    metrics: ReconcileMetrics,
+    state: RunState,
+    on_status_dropped: Callable[[], None] | None = None,
 ) -> None:
     """Run every enabled controller until cancelled."""
     args = settings.args
@@ -255,6 +259,7 @@ async def run_controllers(
             reporting_instance=settings.identity,
             workers=args.claim_workers,
             on_result=_on_result(metrics, ClaimStatusController.name),
+            on_status_dropped=on_status_dropped,
         ),
     ]
     if settings.plugin_daemonset is not None:
@@ -332,6 +337,11 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
         f"{METRICS_PREFIX}_leader", "1 while this process leads (runs the reconcilers), else 0."
     )
     state = RunState(leader_elect=args.leader_elect)
+    status_dropped = registry.counter(
+        f"{METRICS_PREFIX}_claim_status_dropped_total",
+        "Writes of a claim's status.devices that the API server answered without them "
+        "(a server that does not keep claim device status; the controller then stops writing).",
+    )
 
     def collect() -> None:
         for controller in list(state.controllers):
@@ -361,7 +371,7 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
         )
 
         async def lead() -> None:
-            await run_controllers(client, settings, metrics, state)
+            await run_controllers(client, settings, metrics, state, status_dropped.inc)
 
         if args.leader_elect:
             elector = LeaderElector(

@@ -19,10 +19,11 @@ from tests.kubelet_standin import ClaimName
 NXCONFIG_HEADER = {"apiVersion": "nx.device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
 
 
-def device_class(name: str, driver: str = DRIVER) -> dict[str, Any]:
-    """A DeviceClass selecting every device of `driver`."""
+def device_class(name: str, driver: str = DRIVER, version: str = "v1") -> dict[str, Any]:
+    """A DeviceClass selecting every device of `driver` (the driver's own class, as
+    the controller keeps it, is `device_class(DRIVER)`)."""
     return {
-        "apiVersion": "resource.k8s.io/v1",
+        "apiVersion": f"resource.k8s.io/{version}",
         "kind": "DeviceClass",
         "metadata": {"name": name},
         "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{driver}'"}}]},

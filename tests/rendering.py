@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.harness.cluster import REPO, ControlPlane, cache_root, ensure_binaries
+from tests.harness.cluster import REPO, ControlPlane, cache_root, ensure_binaries, yaml_stream
 
 MANIFESTS = REPO / "manifests"
 CHART = MANIFESTS / "helm" / "power-dra-driver"
@@ -53,7 +53,9 @@ def kustomize(directory: Path) -> list[Obj]:
     return load_docs(out.stdout)
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the pinned helm without touching the user's helm configuration."""
     home = Path(tempfile.gettempdir()) / "power-dra-driver-helm"
     env = {
@@ -62,7 +64,7 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         **{f"HELM_{d}_HOME": str(home / d.lower()) for d in ("CONFIG", "CACHE", "DATA")},
     }
     proc = subprocess.run(
-        [str(tool("helm")), *args], capture_output=True, text=True, check=False, env=env
+        [str(tool("helm")), *args], capture_output=True, text=True, check=False, env=env, cwd=cwd
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
@@ -135,7 +137,7 @@ def server_dry_run(cp: ControlPlane, objs: Sequence[Obj]) -> subprocess.Complete
     for obj in objs:
         if obj["kind"] == "Namespace":
             ensure_namespace(cp, obj["metadata"]["name"])
-    doc = "\n---\n".join(json.dumps(o) for o in objs)
+    doc = yaml_stream(objs)
     return cp.kubectl(
         "apply",
         "--server-side",

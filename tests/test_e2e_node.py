@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from kubeletplugin.cdi import spec_file_name
-from tests.harness.cluster import REPO, ControlPlane
+from tests.dra_objects import device_class
+from tests.harness.cluster import ControlPlane
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     DEFAULT_CREDITS,
@@ -95,7 +95,7 @@ def real_node(
         pytest.skip(f"containerd >= 1.7 unavailable (hack/fetch-containerd.sh failed: {exc})")
     cp = control_plane
     allow_kubelet_api_access(cp)
-    cp.apply(yaml.safe_load((REPO / "manifests" / "base" / "deviceclass.yaml").read_text()))
+    cp.apply(device_class(DRIVER, version=cp.release.resource_version))
     if cp.kubectl("get", "namespace", NS, check=False).returncode != 0:
         cp.create_namespace(NS)
     cp.apply(_templates())

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.cluster import ControlPlane
+from tests.harness.cluster import REPO, ControlPlane
 from tests.rendering import (
     CHART,
     CONTROLLER_SA,
@@ -143,10 +143,13 @@ def test_default_render_equals_the_kustomize_base_but_the_namespace(
     default_render: list[Obj],
 ) -> None:
     # Helm does not own the namespace (`--create-namespace` makes it, without
-    # the Pod Security labels: see manifests/README.md); everything else is
-    # the same object, field for field, apart from metadata labels.
+    # the Pod Security labels: see manifests/README.md) and ships the DeviceClass
+    # (the base leaves it to the controller, which creates it in the version the
+    # server serves); everything else is the same object, field for field, apart
+    # from metadata labels.
     base = [o for o in kustomize(MANIFESTS / "base") if o["kind"] != "Namespace"]
-    ours, theirs = index(map(_without_labels, default_render)), index(map(_without_labels, base))
+    rendered = [o for o in default_render if o["kind"] != "DeviceClass"]
+    ours, theirs = index(map(_without_labels, rendered)), index(map(_without_labels, base))
     assert sorted(ours) == sorted(theirs)
     for k, obj in theirs.items():
         assert ours[k] == obj, k
@@ -312,9 +315,14 @@ def test_install_upgrade_uninstall_with_the_documented_commands(
 ) -> None:
     cp = own_control_plane
     kubeconfig = ["--kubeconfig", cp.kubeconfig]
-    release = ["power-dra-driver", str(CHART), "--namespace", NAMESPACE]
+    # Verbatim from the repository root, as the old driver's README has them:
+    #   helm install --create-namespace --namespace power-dra-driver power-dra-driver deployments/helm/power-dra-driver
+    chart = "deployments/helm/power-dra-driver"
+    release = ["power-dra-driver", chart, "--namespace", NAMESPACE]
 
-    installed = helm("install", *release, "--create-namespace", *kubeconfig, "--wait=false")
+    installed = helm(
+        "install", *release, "--create-namespace", *kubeconfig, "--wait=false", cwd=REPO
+    )
     notes = installed.stdout.split("NOTES:", 1)[1]
     assert "DeviceClass: nx.device.power.ibm.com (resource.k8s.io/v1)" in notes
     assert "OpenShift:   false" in notes
@@ -325,11 +333,11 @@ def test_install_upgrade_uninstall_with_the_documented_commands(
     cp.kubectl("get", "deviceclass", DRIVER)
     cp.kubectl("get", "validatingadmissionpolicy", "power-dra-kubeletplugin-resourceslices")
 
-    helm("upgrade", *release, *kubeconfig, "--set", "kubeletPlugin.deviceMode=slots")
+    helm("upgrade", *release, *kubeconfig, "--set", "kubeletPlugin.deviceMode=slots", cwd=REPO)
     ds = json.loads(cp.kubectl("get", "daemonset", PLUGIN_SA, "-n", NAMESPACE, "-o", "json").stdout)
     assert env_of(container(ds))["DEVICE_MODE"] == "slots"
 
-    helm("uninstall", "power-dra-driver", "--namespace", NAMESPACE, *kubeconfig)
+    helm("uninstall", "power-dra-driver", "--namespace", NAMESPACE, *kubeconfig, cwd=REPO)
     for kind, name, ns in (
         ("daemonset", PLUGIN_SA, NAMESPACE),
         ("deployment", CONTROLLER_SA, NAMESPACE),

@@ -34,6 +34,8 @@ from tests.rendering import (
 BASE = MANIFESTS / "base"
 OPENSHIFT = MANIFESTS / "openshift"
 EXAMPLES = MANIFESTS / "examples"
+# Each release's examples directory (manifests/examples/README.md) and its resource.k8s.io version.
+EXAMPLE_DIRS = {"examples": "v1", "examples/k8s-1.34": "v1", "examples/k8s-1.32": "v1beta1"}
 PLUGIN_USER = f"system:serviceaccount:{NAMESPACE}:{PLUGIN_SA}"
 
 # Hosts of public registries that must never be baked into our files.
@@ -57,6 +59,18 @@ def openshift() -> list[Obj]:
 @pytest.fixture(scope="module")
 def examples() -> list[Obj]:
     return kustomize(EXAMPLES)
+
+
+@pytest.fixture(scope="module", params=sorted(EXAMPLE_DIRS))
+def release_examples(request: pytest.FixtureRequest) -> tuple[str, list[Obj]]:
+    """(resource.k8s.io version, objects) of one release's examples directory."""
+    return EXAMPLE_DIRS[request.param], kustomize(MANIFESTS / request.param)
+
+
+def _request_fields(version: str, request: Obj) -> Obj:
+    """The device fields of a request: under `exactly` from v1beta2 on, in it in v1beta1."""
+    fields: Obj = request if version == "v1beta1" else request["exactly"]
+    return fields
 
 
 def _packaging_files() -> list[Path]:
@@ -135,17 +149,10 @@ def test_base_has_exactly_the_driver_objects(base: list[Obj]) -> None:
             ("RoleBinding", NAMESPACE, "power-dra-controller-leader-election"),
             ("ValidatingAdmissionPolicy", "", "power-dra-kubeletplugin-resourceslices"),
             ("ValidatingAdmissionPolicyBinding", "", "power-dra-kubeletplugin-resourceslices"),
-            ("DeviceClass", "", DRIVER),
             ("DaemonSet", NAMESPACE, "power-dra-kubeletplugin"),
             ("Deployment", NAMESPACE, "power-dra-controller"),
         ]
     )
-
-
-def test_device_class_selects_the_driver_in_resource_v1(base: list[Obj]) -> None:
-    dc = one(base, "DeviceClass")
-    assert dc["apiVersion"] == "resource.k8s.io/v1"
-    assert dc["spec"]["selectors"] == [{"cel": {"expression": f"device.driver == '{DRIVER}'"}}]
 
 
 def test_plugin_daemonset_is_unprivileged_with_read_only_root(base: list[Obj]) -> None:
@@ -369,12 +376,13 @@ def test_openshift_plugin_pod_fits_its_scc(openshift: list[Obj]) -> None:
     assert kinds <= set(scc["volumes"])
 
 
-def test_openshift_overlay_leaves_the_device_class_to_the_controller(
+def test_base_and_openshift_overlay_leave_the_device_class_to_the_controller(
     base: list[Obj], openshift: list[Obj]
 ) -> None:
-    assert not [o for o in openshift if o["kind"] == "DeviceClass"]
-    rest = {key(o) for o in base if o["kind"] != "DeviceClass"}
-    assert rest <= {key(o) for o in openshift}
+    # Nothing resource.k8s.io/v1-only in what every release applies: the controller
+    # creates the class in the version the server serves (tests/test_release_matrix.py).
+    assert not [o for o in base + openshift if o["apiVersion"].startswith("resource.k8s.io/")]
+    assert {key(o) for o in base} <= {key(o) for o in openshift}
 
 
 # --- examples ---------------------------------------------------------------------
@@ -385,8 +393,9 @@ def _workloads(objs: list[Obj]) -> list[Obj]:
 
 
 def test_every_example_workload_claims_nx_from_a_template_that_exists(
-    examples: list[Obj],
+    release_examples: tuple[str, list[Obj]],
 ) -> None:
+    _, examples = release_examples
     templates = {o["metadata"]["name"] for o in examples if o["kind"] == "ResourceClaimTemplate"}
     workloads = _workloads(examples)
     assert len(workloads) >= 5
@@ -401,19 +410,39 @@ def test_every_example_workload_claims_nx_from_a_template_that_exists(
             assert c["imagePullPolicy"] == "IfNotPresent"
 
 
-def test_every_example_template_asks_for_the_driver_class(examples: list[Obj]) -> None:
-    for t in (o for o in examples if o["kind"] == "ResourceClaimTemplate"):
+def test_every_example_template_asks_for_the_driver_class_in_its_release_version(
+    release_examples: tuple[str, list[Obj]],
+) -> None:
+    version, examples = release_examples
+    templates = [o for o in examples if o["kind"] == "ResourceClaimTemplate"]
+    assert len(templates) == 5
+    for t in templates:
+        assert t["apiVersion"] == f"resource.k8s.io/{version}"
         for request in t["spec"]["spec"]["devices"]["requests"]:
-            assert request["exactly"]["deviceClassName"] == DRIVER
+            assert _request_fields(version, request)["deviceClassName"] == DRIVER
 
 
-def test_credits_example_asks_for_four_credits(examples: list[Obj]) -> None:
+def test_credits_example_asks_for_four_credits_in_the_release_mode(
+    release_examples: tuple[str, list[Obj]],
+) -> None:
+    version, examples = release_examples
     t = one(examples, "ResourceClaimTemplate", "nx-gzip-4-credits")
     (request,) = t["spec"]["spec"]["devices"]["requests"]
-    assert request["exactly"]["capacity"] == {"requests": {"credits": "4"}}
+    fields = _request_fields(version, request)
+    if "capacity" in fields:  # shared mode (1.36+): 4 credits of one device ...
+        assert fields["capacity"] == {"requests": {"credits": "4"}}
+        # ... and only a device that has them, so a server that drops `capacity`
+        # leaves the pod Pending instead of running it with one credit.
+        (selector,) = fields["selectors"]
+        assert "credits.compareTo(quantity('4')) >= 0" in selector["cel"]["expression"]
+    else:  # slot mode: 4 exclusive devices of one credit each
+        assert (fields["allocationMode"], fields["count"]) == ("ExactCount", 4)
 
 
-def test_nxconfig_example_passes_an_opaque_nxconfig_to_the_driver(examples: list[Obj]) -> None:
+def test_nxconfig_example_passes_an_opaque_nxconfig_to_the_driver(
+    release_examples: tuple[str, list[Obj]],
+) -> None:
+    _, examples = release_examples
     t = one(examples, "ResourceClaimTemplate", "nx-gzip-configured")
     (config,) = t["spec"]["spec"]["devices"]["config"]
     assert config["requests"] == ["nx"]
@@ -423,7 +452,10 @@ def test_nxconfig_example_passes_an_opaque_nxconfig_to_the_driver(examples: list
     assert params["kind"] == "NxConfig"
 
 
-def test_shared_node_example_puts_several_claims_on_one_node(examples: list[Obj]) -> None:
+def test_shared_node_example_puts_several_claims_on_one_node(
+    release_examples: tuple[str, list[Obj]],
+) -> None:
+    _, examples = release_examples
     dep = one(examples, "Deployment", "nx-shared-node")
     assert dep["spec"]["replicas"] >= 2
     (term,) = dep["spec"]["template"]["spec"]["affinity"]["podAffinity"][

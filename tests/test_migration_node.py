@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import pytest
-import yaml
 
 from controller.apiclient import ApiClient
 from controller.claim_status import EVENT_REASON_INEFFECTIVE, ClaimStatusController
@@ -34,7 +33,8 @@ from kubeletplugin.ibm_state import (
     ibm_cdi_device_ids,
     ibm_claim_spec_file,
 )
-from tests.harness.cluster import REPO, ControlPlane
+from tests.dra_objects import device_class
+from tests.harness.cluster import ControlPlane
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     RealNode,
@@ -92,7 +92,7 @@ def ibm_node(
         pytest.skip(f"containerd >= 1.7 unavailable (hack/fetch-containerd.sh failed: {exc})")
     cp = control_plane
     allow_kubelet_api_access(cp)
-    cp.apply(yaml.safe_load((REPO / "manifests" / "base" / "deviceclass.yaml").read_text()))
+    cp.apply(device_class(DRIVER, version=cp.release.resource_version))
     if cp.kubectl("get", "namespace", NS, check=False).returncode != 0:
         cp.create_namespace(NS)
     cp.apply([_template()])

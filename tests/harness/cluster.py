@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,84 @@ def k8s_bin_dir(release: str | None = None) -> Path:
     return cache_root() / "k8s" / k8s_version(release) / "bin"
 
 
+@dataclass(frozen=True)
+class Release:
+    """What one Kubernetes release needs and offers for DRA, as its users run it.
+
+    `resource_version` is the newest resource.k8s.io version it serves;
+    `feature_gates` the gates its users turn on for DRA (OpenShift 4.19's
+    TechPreviewNoUpgrade does this for 1.32), set on every component and the
+    kubelet; `consumable_capacity` whether the server keeps a device's
+    `allowMultipleAllocations` and a request's `capacity` (shared mode);
+    `device_status` whether it keeps a claim's `status.devices`.
+    """
+
+    minor: int
+    resource_version: str
+    runtime_config: str
+    feature_gates: dict[str, bool]
+    controllers: str
+    consumable_capacity: bool
+    device_status: bool
+
+    @property
+    def name(self) -> str:
+        return f"1.{self.minor}"
+
+    @property
+    def feature_gates_flag(self) -> str:
+        return ",".join(f"{k}={str(v).lower()}" for k, v in sorted(self.feature_gates.items()))
+
+    @property
+    def device_mode(self) -> str:
+        return "shared" if self.consumable_capacity else "slots"
+
+    @property
+    def examples(self) -> Path:
+        """The examples directory written for this release (manifests/examples/README.md)."""
+        if self.minor <= 33:
+            return REPO / "manifests" / "examples" / "k8s-1.32"
+        if not self.consumable_capacity:
+            return REPO / "manifests" / "examples" / "k8s-1.34"
+        return REPO / "manifests" / "examples"
+
+
+def release_info(release: str | None = None) -> Release:
+    """The profile of a release (the harness's release by default)."""
+    minor = k8s_minor(release)
+    if minor < 32:
+        raise RuntimeError(f"Kubernetes 1.{minor} is older than the oldest release we serve (1.32)")
+    beta_only = minor <= 33
+    gates = {"DynamicResourceAllocation": True} if beta_only else {}
+    if minor == 32:
+        runtime_config = "resource.k8s.io/v1beta1=true"
+    elif minor == 33:
+        runtime_config = "resource.k8s.io/v1beta1=true,resource.k8s.io/v1beta2=true"
+    else:
+        runtime_config = RESOURCE_RUNTIME_CONFIG
+    # 1.37 dropped the cloud controllers from kube-controller-manager.
+    controllers = (
+        "*,-nodeipam" if minor >= 37 else "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller"
+    )
+    return Release(
+        minor=minor,
+        resource_version="v1beta1" if minor == 32 else "v1beta2" if minor == 33 else "v1",
+        runtime_config=runtime_config,
+        feature_gates=gates,
+        controllers=controllers,
+        consumable_capacity=minor >= 36,
+        device_status=minor >= 33,
+    )
+
+
+def matrix_releases() -> list[str]:
+    """Every release with a tool module (hack/k8s-bin/v1.*), oldest first; K8S_MATRIX
+    (space- or comma-separated minors) narrows it for a quicker local run."""
+    known = sorted((p.name.removeprefix("v") for p in K8S_MODULES.glob("v1.*")), key=k8s_minor)
+    wanted = os.environ.get("K8S_MATRIX", "").replace(",", " ").split()
+    return [r for r in known if not wanted or r in wanted]
+
+
 def ensure_binaries(names: Sequence[str] = BINARIES, release: str | None = None) -> Path:
     """Build a release's missing binaries once (see hack/build-k8s.sh); return their folder."""
     bin_dir = k8s_bin_dir(release)
@@ -123,6 +202,16 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str, user: s
     path.write_text(yaml.safe_dump(cfg))
     path.chmod(0o600)
     return path
+
+
+def yaml_stream(objs: Sequence[dict[str, Any]]) -> str:
+    """Objects as one YAML stream (kubectl 1.32 cannot read JSON documents joined by ---)."""
+    return yaml.safe_dump_all(list(objs), sort_keys=False)
+
+
+def resource_path(cp: ControlPlane, rest: str) -> str:
+    """An API path in the newest resource.k8s.io version `cp` serves."""
+    return f"/apis/resource.k8s.io/{cp.release.resource_version}/{rest.lstrip('/')}"
 
 
 class Process:
@@ -176,21 +265,27 @@ class ControlPlane:
         workdir: Path | None = None,
         *,
         feature_gates: str = "",
-        runtime_config: str = RESOURCE_RUNTIME_CONFIG,
+        runtime_config: str | None = None,
         scheduler: bool = True,
         controller_manager: bool = True,
         extra_apiserver_args: Sequence[str] = (),
+        release: str | None = None,
     ) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="power-dra-cp-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.feature_gates = feature_gates
-        self.runtime_config = runtime_config
+        self.release = release_info(release)
+        # The release's own DRA gates first; gates a test passes win.
+        gates = [g for g in (self.release.feature_gates_flag, feature_gates) if g]
+        self.feature_gates = ",".join(gates)
+        self.runtime_config = runtime_config or self.release.runtime_config
         self.with_scheduler = scheduler
         self.with_controller_manager = controller_manager
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.bin_dir = ensure_binaries(
-            ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+            ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
+            release=self.release.name,
         )
+        self.version = k8s_version(self.release.name)
         self.processes: dict[str, Process] = {}
         self.component_ports: dict[str, int] = {}
         self.pki = self.workdir / "pki"
@@ -375,7 +470,7 @@ class ControlPlane:
                 f"--cluster-signing-cert-file={self.ca_file}",
                 f"--cluster-signing-key-file={self.ca_key_file}",
                 "--node-monitor-grace-period=1h",
-                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+                f"--controllers={self.release.controllers}",
             ],
             self.workdir,
         )
@@ -517,8 +612,9 @@ class ControlPlane:
     def apply(self, obj: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Server-side apply objects as admin."""
         objs = obj if isinstance(obj, list) else [obj]
-        doc = "\n---\n".join(json.dumps(o) for o in objs)
-        self.kubectl("apply", "--server-side", "--field-manager=tests", "-f", "-", input=doc)
+        self.kubectl(
+            "apply", "--server-side", "--field-manager=tests", "-f", "-", input=yaml_stream(objs)
+        )
 
     def create_namespace(self, name: str, timeout: float = 30.0) -> None:
         """Create a namespace and wait for its `default` ServiceAccount (pods need it)."""

@@ -49,7 +49,9 @@ from tests.harness.cluster import (
     ControlPlane,
     Process,
     ensure_binaries,
+    resource_path,
     write_kubeconfig,
+    yaml_stream,
 )
 from tests.harness.images import BUSYBOX_IMAGE, oci_arch
 from tests.harness.node import (
@@ -132,8 +134,7 @@ def render(cp: ControlPlane, directory: Path) -> list[dict[str, Any]]:
 
 
 def apply_objects(cp: ControlPlane, objs: list[dict[str, Any]]) -> None:
-    doc = "\n---\n".join(json.dumps(o) for o in objs)
-    cp.kubectl("apply", "--server-side", "-f", "-", input=doc)
+    cp.kubectl("apply", "--server-side", "-f", "-", input=yaml_stream(objs))
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -235,20 +236,31 @@ def claim_statuses(cp: ControlPlane) -> list[tuple[str, str]]:
     return out
 
 
-def print_claim_statuses(cp: ControlPlane, expected: int) -> None:
+STATUS_DROPPED = "the API server dropped status.devices"
+
+
+def print_claim_statuses(cp: ControlPlane, expected: int, controller_log: Path) -> None:
     say("\n-- claim status written by the controller (status.devices) --")
 
-    def all_written() -> list[tuple[str, str]] | None:
+    def dropped() -> str:
+        log = controller_log.read_text(errors="replace") if controller_log.exists() else ""
+        return next((line for line in log.splitlines() if STATUS_DROPPED in line), "")
+
+    def settled() -> tuple[list[tuple[str, str]], str] | None:
         rows = claim_statuses(cp)
-        return rows if len(rows) >= expected else None
+        said = dropped()
+        return (rows, said) if len(rows) >= expected or said else None
 
     try:
-        rows = wait("controller status", all_written, 30)
+        rows, said = wait("controller status", settled, 30)
     except TimeoutError as exc:
         say(f"  {exc}")
-        rows = claim_statuses(cp)
+        rows, said = claim_statuses(cp), ""
     for name, text in sorted(rows):
         say(f"  {name:44} {text}")
+    if said:
+        message = json.loads(said).get("msg", said) if said.startswith("{") else said
+        say(f"  none: the controller said: {message}")
 
 
 def print_pending(cp: ControlPlane) -> None:
@@ -489,7 +501,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
             )
         print_slices(cp)
 
-        examples = render(cp, REPO / "manifests" / "examples")
+        examples = render(cp, cp.release.examples)
         for obj in examples:
             spec = pod_spec(obj)
             if spec is not None:
@@ -498,7 +510,8 @@ def run_real_nodes(cp: ControlPlane) -> None:
                 spec["enableServiceLinks"] = False
         apply_examples(cp, examples)
         say(
-            "\napplied manifests/examples (pods with ResourceClaimTemplates; the Deployments "
+            f"\napplied {cp.release.examples.relative_to(REPO)} (pods with ResourceClaimTemplates; "
+            "the Deployments "
             f"first),\n  for this machine: image {BUSYBOX_IMAGE}, imagePullPolicy Never, "
             "hostNetwork: true"
         )
@@ -506,7 +519,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
         claims = {
             c["metadata"]["name"]: c
             for c in api.request(
-                "GET", f"/apis/resource.k8s.io/v1/namespaces/{EXAMPLES_NS}/resourceclaims"
+                "GET", resource_path(cp, f"namespaces/{EXAMPLES_NS}/resourceclaims")
             )["items"]
         }
         rows = []
@@ -550,7 +563,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
         else:
             say("\nERROR: no example pod is Running")
 
-        print_claim_statuses(cp, len(rows))
+        print_claim_statuses(cp, len(rows), processes[0].log_path)
         print_pending(cp)
         say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:
@@ -647,9 +660,10 @@ def run_fake_nodes(cp: ControlPlane) -> None:
             plugin.wait_for_slices(30)
         print_slices(cp)
 
-        apply_examples(cp, render(cp, REPO / "manifests" / "examples"))
+        apply_examples(cp, render(cp, cp.release.examples))
         say(
-            "\napplied manifests/examples (pods with ResourceClaimTemplates; the Deployments first)"
+            f"\napplied {cp.release.examples.relative_to(REPO)} (pods with ResourceClaimTemplates; "
+            "the Deployments first)"
         )
 
         def all_bound() -> bool:
@@ -663,7 +677,7 @@ def run_fake_nodes(cp: ControlPlane) -> None:
             first = rows[0]
             spec_file = plugins[first["node"]].cdi_root / spec_file_name(first["uid"])
             print_cdi_spec(spec_file, first["pod"])
-        print_claim_statuses(cp, len(rows))
+        print_claim_statuses(cp, len(rows), processes[0].log_path)
         print_pending(cp)
         say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:
@@ -691,7 +705,10 @@ def run(fake_nodes: bool) -> None:
     say("starting etcd, kube-apiserver, kube-scheduler, kube-controller-manager on loopback ...")
     cp = ControlPlane(WORKDIR / "cluster").start()
     try:
-        say(f"  API server {cp.server} (Kubernetes v1.36)")
+        say(
+            f"  API server {cp.server} (Kubernetes {cp.version}, resource.k8s.io/"
+            f"{cp.release.resource_version})"
+        )
         if why_not:
             run_fake_nodes(cp)
         else:

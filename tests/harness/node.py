@@ -49,9 +49,18 @@ from typing import Any
 
 import yaml
 
+from tests.dra_objects import device_class
 from tests.fake_sysfs import VAS_GZIP_DIR, make_powervm_tree, write_sysfs_file
 
-from .cluster import REPO, ControlPlane, Process, cache_root, ensure_binaries, free_port
+from .cluster import (
+    REPO,
+    ControlPlane,
+    Process,
+    cache_root,
+    ensure_binaries,
+    free_port,
+    resource_path,
+)
 from .images import BUSYBOX_IMAGE, PAUSE_IMAGE, build_test_images, find_static_busybox
 from .plugin import DRIVER, PluginProcess
 
@@ -594,7 +603,7 @@ class RealNode:
         missing = missing_requirements()
         if missing:
             raise RuntimeError("cannot run a real node here: " + "; ".join(missing))
-        self.bin_dir = ensure_binaries(("kubelet", "kubectl"))
+        self.bin_dir = ensure_binaries(("kubelet", "kubectl"), release=self.cp.release.name)
         self.containerd_bin = ensure_containerd()
         self.host_before = host_state()
         try:
@@ -841,6 +850,8 @@ disabled_plugins = [
             "nodeStatusReportFrequency": "10s",
             "volumeStatsAggPeriod": "0s",
         }
+        if cp.release.feature_gates:
+            config["featureGates"] = dict(cp.release.feature_gates)
         path = self.workdir / "kubelet-config.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -929,7 +940,7 @@ disabled_plugins = [
             {"fieldSelector": f"spec.nodeName={self.name},spec.driver={DRIVER}"}
         )
         items: list[dict[str, Any]] = self.api.request(
-            "GET", f"/apis/resource.k8s.io/v1/resourceslices?{query}"
+            "GET", resource_path(self.cp, f"resourceslices?{query}")
         )["items"]
         return items
 
@@ -1084,7 +1095,7 @@ def _up(directory: Path) -> None:
     cp.start()
     try:
         allow_kubelet_api_access(cp)
-        cp.apply(yaml.safe_load((REPO / "manifests" / "base" / "deviceclass.yaml").read_text()))
+        cp.apply(device_class(DRIVER, version=cp.release.resource_version))
         node = RealNode(cp, directory / "node").start()
     except BaseException:
         cp.stop()

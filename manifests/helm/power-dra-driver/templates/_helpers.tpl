@@ -26,15 +26,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* The newest resource.k8s.io version the cluster serves DeviceClasses in
      (v1 from Kubernetes 1.34, v1beta2 in 1.33, v1beta1 in 1.32). */}}
+{{- /*
+The newest resource.k8s.io version the target release serves: v1 from 1.34,
+v1beta2 on 1.33, v1beta1 on 1.32. Both the release and the API list must
+agree: `helm template` offers a fixed API list (which has v1) whatever
+--kube-version says, while a live install sees the server's own list.
+*/ -}}
 {{- define "power-dra-driver.resourceApiVersion" -}}
-{{- if .Capabilities.APIVersions.Has "resource.k8s.io/v1" -}}
+{{- $kube := .Capabilities.KubeVersion.Version -}}
+{{- if and (.Capabilities.APIVersions.Has "resource.k8s.io/v1") (semverCompare ">=1.34.0-0" $kube) -}}
 resource.k8s.io/v1
-{{- else if .Capabilities.APIVersions.Has "resource.k8s.io/v1beta2" -}}
+{{- else if and (.Capabilities.APIVersions.Has "resource.k8s.io/v1beta2") (semverCompare ">=1.33.0-0" $kube) -}}
 resource.k8s.io/v1beta2
 {{- else -}}
 resource.k8s.io/v1beta1
 {{- end -}}
-{{- end -}}
+{{- end }}
 
 {{- define "power-dra-driver.pluginServiceAccount" -}}power-dra-kubeletplugin{{- end -}}
 {{- define "power-dra-driver.controllerServiceAccount" -}}power-dra-controller{{- end -}}
