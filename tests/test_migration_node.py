@@ -14,9 +14,12 @@ kubelet restart, a reboot (sandboxes re-created), the adopted pod's deletion.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -220,6 +223,23 @@ def prepare_failures(node: RealNode) -> list[str]:
     return [b for b in bad if "no relationship found between node" not in b]
 
 
+def kill_sandbox(pod_uid: str) -> int:
+    """SIGKILL the pod's sandbox process (the harness's pause image traps TERM and INT)."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cgroup = (proc / "cgroup").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"pod{pod_uid}" in cgroup and b"TERM INT" in cmdline and cmdline.startswith(b"sh"):
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 def metric(text: str, name: str) -> float:
     match = re.search(rf'^{re.escape(name)}{{node="{NODE}"}} (\S+)$', text, re.MULTILINE)
     assert match, f"no metric {name} in:\n{text}"
@@ -298,12 +318,26 @@ def test_our_plugin_takes_over_ibm_pods_and_leaves_nothing_of_ibm(
         assert "parameters.sharing (TimeSlicing, interval Long) has no effect" in event["note"]
         assert "credits" in event["note"]
 
-    # A kubelet restart prepares the adopted claim again, through our plugin.
-    offset = len(node.kubelet_log())
+    # A kubelet restart: the adopted pod keeps running (kubelets >= 1.37 prepare a claim
+    # only when they create a sandbox; older ones prepare it again now, through our plugin).
     node.restart_kubelet()
     node.wait_ready()
-    wait_for("adopted claim prepared again", lambda: kubelet_prepared_since(node, offset, uid), 30)
     assert ready(node, "ibm-pod") and container_id(node, "ibm-pod") == container
+
+    # Its sandbox dies: the kubelet (whose claim cache is new since its restart) prepares
+    # the adopted claim through our plugin and starts the pod again on IBM's CDI IDs.
+    offset = len(node.kubelet_log())
+    pod_uid = (get_pod(node, "ibm-pod") or {})["metadata"]["uid"]
+    assert kill_sandbox(pod_uid) == 1
+    wait_for("adopted claim prepared again", lambda: kubelet_prepared_since(node, offset, uid), 60)
+    wait_for(
+        "adopted pod running in a new sandbox",
+        lambda: container_id(node, "ibm-pod") not in ("", container) and ready(node, "ibm-pod"),
+        60,
+        0.1,
+    )
+    container = container_id(node, "ibm-pod")
+    assert "NX_DEVICE_CLAIM=added" in exec_in(node, "ibm-pod", "env")
 
     # A reboot: IBM's specs (a tmpfs) come back from our state, the sandbox is re-created.
     offset = len(node.kubelet_log())
