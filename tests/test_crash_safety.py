@@ -398,8 +398,8 @@ def test_adoption_of_ibm_state_survives_kill_9(cluster: Cluster) -> None:
                 answers = client.prepare(refs, timeout=CALL_TIMEOUT)
             for u in uids:
                 assert answers[u].error == "", answers[u].error
-                assert [d.cdi_device_ids for d in answers[u].devices] == [
-                    list(ibm_cdi_device_ids(u))
+                assert [tuple(d.cdi_device_ids) for d in answers[u].devices] == [
+                    ibm_cdi_device_ids(u)
                 ], where
             kill(plugin)
         start_serving(plugin)
