@@ -39,6 +39,7 @@ from kubeletplugin.ibm_state import (
     ibm_cdi_device_ids,
     ibm_claim_device,
     ibm_claim_spec_file,
+    ibm_device,
 )
 from tests import grpc_stubs
 from tests.harness.node import Api, RealNode
@@ -94,6 +95,20 @@ def ibm_spec_yaml(device: str) -> str:
         "containerEdits": {},
     }
     return yaml.safe_dump(spec, sort_keys=False)
+
+
+def write_ibm_files(plugin_dir: Path, cdi_root: Path, node: str, uids: list[str]) -> None:
+    """The files IBM's driver leaves on a node whose claims `uids` it prepared."""
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    cdi_root.mkdir(parents=True, exist_ok=True)
+    (plugin_dir / "checkpoint.json").write_bytes(
+        encode_ibm_checkpoint(
+            {u: [ibm_device(u, node, "crypto-nx-gzip", IBM_DEVICE_ENV)] for u in uids}
+        )
+    )
+    (cdi_root / IBM_COMMON_SPEC_FILE).write_text(ibm_spec_yaml(IBM_COMMON_DEVICE))
+    for u in uids:
+        (cdi_root / ibm_claim_spec_file(u)).write_text(ibm_spec_yaml(ibm_claim_device(u)))
 
 
 class IbmDriverStandin:

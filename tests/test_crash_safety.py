@@ -28,15 +28,13 @@ import pytest
 from kubeletplugin.ibm_state import (
     IBM_COMMON_SPEC_FILE,
     decode_ibm_checkpoint,
-    encode_ibm_checkpoint,
     ibm_cdi_device_ids,
     ibm_claim_spec_file,
-    ibm_device,
 )
 from tests.dra_objects import allocate_claims, device_class
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import PluginProcess
-from tests.ibm_driver_standin import ibm_spec_yaml
+from tests.ibm_driver_standin import write_ibm_files
 from tests.kubelet_standin import ClaimName, DraClient, PrepareAnswer, get_plugin_info
 
 pytestmark = pytest.mark.cluster
@@ -350,16 +348,10 @@ ADOPTION_ROUNDS = 12
 
 
 def write_ibm_node(plugin: PluginProcess, uids: list[str]) -> None:
-    """IBM's driver's files for `uids`, as it leaves them (tests.ibm_driver_standin)."""
+    """IBM's driver's files for `uids`, and nothing else, in the plugin's directories."""
     for p in [*plugin.cdi_root.iterdir(), *plugin.plugin_dir.glob("checkpoint*")]:
         p.unlink()
-    plugin.plugin_dir.mkdir(parents=True, exist_ok=True)
-    plugin.checkpoint.write_bytes(
-        encode_ibm_checkpoint({u: [ibm_device(u, plugin.node_name, "nx")] for u in uids})
-    )
-    (plugin.cdi_root / IBM_COMMON_SPEC_FILE).write_text(ibm_spec_yaml("common"))
-    for u in uids:
-        (plugin.cdi_root / ibm_claim_spec_file(u)).write_text(ibm_spec_yaml(f"{u}-crypto-nx-gzip"))
+    write_ibm_files(plugin.plugin_dir, plugin.cdi_root, plugin.node_name, uids)
 
 
 def adopted_state(plugin: PluginProcess) -> tuple[str, set[str]]:
