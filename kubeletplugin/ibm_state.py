@@ -206,16 +206,13 @@ def decode_ibm_checkpoint(data: bytes) -> dict[str, PreparedClaim]:
     for uid, raw_devices in raw_claims.items():
         try:
             validate_claim_uid(uid)
-            claims[uid] = PreparedClaim(
-                uid=uid,
-                namespace="",
-                name="",
-                devices=tuple(_adopted_device(d) for d in raw_devices or []),
-            )
+            devices = tuple(_adopted_device(d) for d in raw_devices or [])
         except (ValueError, TypeError, AttributeError) as exc:
             raise IbmCheckpointError(f"claim {uid}: {exc}") from None
-        if not claims[uid].devices:
-            raise IbmCheckpointError(f"claim {uid}: no devices")
+        # IBM's driver records a claim with none of its devices as prepared with
+        # nothing: there is nothing to keep, and its unprepare succeeds anyway.
+        if devices:
+            claims[uid] = PreparedClaim(uid=uid, namespace="", name="", devices=devices)
     return claims
 
 

@@ -74,6 +74,11 @@ def test_ibm_claims_decode_as_one_credit_claims_keeping_ibm_cdi_ids() -> None:
     assert decode_ibm_checkpoint(GO_EMPTY_CHECKPOINT) == {}
 
 
+def test_an_ibm_claim_prepared_with_no_devices_is_not_adopted() -> None:
+    data = encode_ibm_checkpoint({UID: [ibm_device(UID, NODE, "nx")], OTHER_UID: []})
+    assert set(decode_ibm_checkpoint(data)) == {UID}
+
+
 def test_a_reindented_ibm_file_still_verifies() -> None:
     pretty = json.dumps(json.loads(GO_CHECKPOINT), indent=2).encode()
     assert set(decode_ibm_checkpoint(pretty)) == {UID}
