@@ -11,6 +11,10 @@ Crash safety: prepare writes specs before the checkpoint, unprepare removes
 the checkpoint entry before the spec; `reconcile_on_start` repairs whatever a
 crash between the two left behind (a spec without entry is removed, an entry
 without spec gets its spec back).
+
+Claims adopted from IBM's Go driver (see `ibm_state`) keep IBM's CDI spec
+files instead of ours, under the same rules; their credits are reported to
+the publisher, which keeps them out of the slice.
 """
 
 from __future__ import annotations
