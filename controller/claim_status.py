@@ -12,7 +12,10 @@ writes one `status.devices` entry per allocated device of ours:
   result names none, as in slot mode);
 - config invalid: condition `Ready=False` (reason `InvalidConfig`, the
   message names the field) and one Warning Event `InvalidNxConfig` on the
-  claim per allocation (not per retry).
+  claim per allocation (not per retry);
+- config valid but carrying settings without effect here (IBM's driver's
+  `sharing`): `Ready=True` as above, and one Warning Event
+  `IneffectiveNxConfig` per allocation saying what replaces them.
 
 `status.devices` is a map list keyed by driver/pool/device/shareID, so the
 entries are written with server-side apply on the `status` subresource under
@@ -58,6 +61,7 @@ READY = "Ready"
 REASON_VALID = "ConfigValid"
 REASON_INVALID = "InvalidConfig"
 EVENT_REASON_INVALID = "InvalidNxConfig"
+EVENT_REASON_INEFFECTIVE = "IneffectiveNxConfig"
 EVENT_ACTION = "ValidateConfig"
 SOURCE_FROM_CLASS = "FromClass"
 
@@ -119,6 +123,25 @@ def config_problem(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None
                 f"{exc}; fix it in {where} and re-create the claim"
             )
     return None
+
+
+def config_notes(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None:
+    """What of this driver's valid opaque configs has no effect here (IBM's
+    `sharing`), naming each config entry; None when everything takes effect."""
+    notes = []
+    for index, entry, opaque in driver_opaque_configs(claim, driver):
+        try:
+            decoded = decode_nx_config(opaque.get("parameters"))
+        except NxConfigError:
+            continue
+        source = str(entry.get("source") or "") or "unknown source"
+        notes += [
+            f"status.allocation.devices.config[{index}] ({source}): {note}"
+            for note in decoded.notes
+        ]
+    if not notes:
+        return None
+    return f"claim {_label(claim)}: " + "; ".join(notes)
 
 
 def result_credits(result: Mapping[str, Any]) -> int:
@@ -278,7 +301,9 @@ class ClaimStatusController:
         if involves_driver(new, self.driver) or involves_driver(old, self.driver):
             self.queue.add(key)
 
-    async def _report(self, key: str, claim: Obj, problem: str) -> None:
+    async def _report(
+        self, key: str, claim: Obj, problem: str, reason: str = EVENT_REASON_INVALID
+    ) -> None:
         name = event_name(
             str((claim.get("metadata") or {}).get("name") or "claim"),
             allocation_fingerprint(claim, problem),
@@ -288,7 +313,7 @@ class ClaimStatusController:
         regarding = {**claim, "apiVersion": self.resource.api_version, "kind": "ResourceClaim"}
         event = event_object(
             regarding=regarding,
-            reason=EVENT_REASON_INVALID,
+            reason=reason,
             note=problem,
             action=EVENT_ACTION,
             reporting_instance=self.reporting_instance,
@@ -308,6 +333,8 @@ class ClaimStatusController:
         entries, problem = desired_entries(claim, datetime.now(UTC), self.driver)
         if problem:
             await self._report(key, claim, problem)
+        elif notes := config_notes(claim, self.driver):
+            await self._report(key, claim, notes, EVENT_REASON_INEFFECTIVE)
         if not self.device_status_kept or entries_match(
             current_entries(claim, self.driver), entries
         ):

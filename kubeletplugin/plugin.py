@@ -150,8 +150,10 @@ async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: 
         node_name=args.node_name,
         options=device_options(args),
         inventory=view.inventory,
+        held_credits=driver.credits_outside_our_slice,
     )
     view.publisher = publisher
+    driver.on_outside_credits_change = publisher.held_credits_changed
     driver.set_client(client, devices_settled=publisher.published)
     registry = Registry()
     _register_metrics(registry, driver, publisher)

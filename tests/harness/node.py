@@ -598,8 +598,11 @@ class RealNode:
 
     # --- start -------------------------------------------------------------------------
 
-    def start(self) -> RealNode:
-        """Bring the node up: Ready, plugin registered, our slice published."""
+    def start(self, *, with_plugin: bool = True) -> RealNode:
+        """Bring the node up: Ready, plugin registered, our slice published.
+
+        Without `with_plugin`, only until the node is Ready (another driver's
+        plugin, or ours later with `start_plugin`)."""
         missing = missing_requirements()
         if missing:
             raise RuntimeError("cannot run a real node here: " + "; ".join(missing))
@@ -615,8 +618,11 @@ class RealNode:
             self.start_containerd()
             self._import_images()
             self.start_kubelet()
-            self.start_plugin(registered=False)
-            self.wait_ready()
+            if with_plugin:
+                self.start_plugin(registered=False)
+                self.wait_ready()
+            else:
+                self.wait_node_ready()
         except BaseException:
             self.stop()
             raise
@@ -895,6 +901,21 @@ disabled_plugins = [
         self.plugin = plugin
         self._write_state()
         return plugin
+
+    def wait_node_ready(self, timeout: float = 60.0) -> None:
+        """The Node object says Ready (whatever the DRA plugins do)."""
+
+        def ready() -> bool:
+            kubelet = self.kubelet
+            if kubelet is not None and not kubelet.alive():
+                raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
+            node = self.api.get(f"/api/v1/nodes/{self.name}")
+            conds = {
+                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
+            }
+            return conds.get("Ready") == "True"
+
+        wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Node Ready, our plugin registered with the kubelet, our slice published."""
