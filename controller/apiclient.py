@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
+import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 import orjson
 
 from .errors import ApiError, Gone, Invalid, NotFound, Unauthorized, Unavailable, error_from_status
-from .kubeconfig import ClusterConfig
+from .kubeconfig import ClusterConfig, ExecCredential
 from .ratelimit import TokenBucket
 from .resources import RESOURCE_GROUP, Resource, pick_resource_version
 
@@ -31,18 +35,68 @@ STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is valid YAML
 
 
-def _ssl_context(config: ClusterConfig) -> ssl.SSLContext | bool:
+def _load_cert_chain_from_memory(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    # The ssl module loads a key pair only from files: a private directory that
+    # exists for the duration of this call, so no credential outlives it on disk.
+    with tempfile.TemporaryDirectory(prefix="power-dra-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, data in ((cert_path, cert), (key_path, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def _ssl_context(
+    config: ClusterConfig, exec_credential: ExecCredential | None = None
+) -> ssl.SSLContext | bool:
     if not config.server.startswith("https"):
         return False
     if config.insecure_skip_tls_verify:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    elif config.ca_data:
+        ctx = ssl.create_default_context(cadata=config.ca_data.decode())
     else:
         ctx = ssl.create_default_context(cafile=config.ca_file)
-    if config.client_cert_file:
+    if exec_credential is not None and exec_credential.client_cert_data:
+        assert exec_credential.client_key_data is not None
+        _load_cert_chain_from_memory(
+            ctx, exec_credential.client_cert_data, exec_credential.client_key_data
+        )
+    elif config.client_cert_data and config.client_key_data:
+        _load_cert_chain_from_memory(ctx, config.client_cert_data, config.client_key_data)
+    elif config.client_cert_file:
         ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
     return ctx
+
+
+# TCP keepalive on every API connection: a peer that vanished (node cut off,
+# NAT entry dropped) is noticed after KEEPALIVE_IDLE + KEEPALIVE_COUNT *
+# KEEPALIVE_INTERVAL seconds instead of the kernel's two hours.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+# A watch ends by the server after its timeoutSeconds; one that stays silent
+# this much longer (no event, no bookmark, no end; half the timeout for short
+# ones) is on a dead connection.
+WATCH_READ_GRACE = 30.0
+
+
+def keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket for `addr_info` (family, type, proto, ...) with keepalive probes on."""
+    family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
 
 
 def _describe(method: str, path: str) -> str:
@@ -53,6 +107,8 @@ class ApiClient:
     """An HTTP/1.1 keep-alive connection pool to the API server.
 
     `qps`/`burst` bound request rate (watches excepted, as they are long-lived).
+    `watch_timeout` is the default server-side length of a watch (seconds); a
+    watch silent for `watch_timeout + WATCH_READ_GRACE` is dropped as dead.
     """
 
     def __init__(
@@ -64,19 +120,41 @@ class ApiClient:
         user_agent: str = "power-dra-driver",
         timeout: float = 30.0,
         max_connections: int = 64,
+        watch_timeout: float = 300.0,
     ) -> None:
         self.config = config
+        self.watch_timeout = watch_timeout
         self.limiter = TokenBucket(qps, burst)
         self._timeout = timeout
         self._user_agent = user_agent
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._resource_version: str | None = None
+        # The exec credential the session was built with (its client certificate).
+        self._session_credential: ExecCredential | None = None
+
+    async def _refresh_credentials(self) -> None:
+        """With an exec plugin: run it when its credential is missing or expired
+        (in a worker thread), and rebuild the connection pool when the new
+        credential brings another client certificate."""
+        plugin = self.config.exec_plugin
+        if plugin is None or plugin.valid() is not None:
+            return
+        credential = await anyio.to_thread.run_sync(plugin.credential)
+        old = self._session_credential
+        if credential.client_cert_data and (
+            old is None or old.client_cert_data != credential.client_cert_data
+        ):
+            await self.close()  # the next request connects with the new certificate
+        self._session_credential = credential
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                ssl=_ssl_context(self.config), limit=self._max_connections, keepalive_timeout=60
+                ssl=_ssl_context(self.config, self._session_credential),
+                limit=self._max_connections,
+                keepalive_timeout=60,
+                socket_factory=keepalive_socket,
             )
             self._session = aiohttp.ClientSession(
                 base_url=self.config.server,
@@ -117,8 +195,37 @@ class ApiClient:
         content_type: str = JSON,
         what: str = "",
     ) -> Any:
-        """Send one request and return the decoded JSON answer (None when empty)."""
+        """Send one request and return the decoded JSON answer (None when empty).
+
+        With an exec credential plugin, a 401 makes it fetch a new credential
+        and the request is sent once more.
+        """
+        try:
+            return await self._request_once(
+                method, path, params=params, body=body, content_type=content_type, what=what
+            )
+        except Unauthorized:
+            plugin = self.config.exec_plugin
+            if plugin is None:
+                raise
+            log.info("API server refused our exec credential; fetching a new one")
+            plugin.invalidate(plugin.valid())
+            return await self._request_once(
+                method, path, params=params, body=body, content_type=content_type, what=what
+            )
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        what: str,
+    ) -> Any:
         await self.limiter.acquire()
+        await self._refresh_credentials()
         session = self._ensure_session()
         data = orjson.dumps(body) if body is not None else None
         what = what or _describe(method, path)
@@ -300,14 +407,19 @@ class ApiClient:
         resource_version: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-        timeout_seconds: int = 300,
+        timeout_seconds: float | None = None,
         allow_bookmarks: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream watch events (`{"type", "object"}`) until the server ends the watch.
 
-        An ERROR event becomes the matching exception (410 -> Gone).
+        The server ends it after `timeout_seconds` (default: the client's
+        `watch_timeout`); silence for up to WATCH_READ_GRACE longer than that means
+        the connection is dead and raises Unavailable, so the caller re-opens
+        it instead of waiting forever. An ERROR event becomes the matching
+        exception (410 -> Gone).
         """
-        params = {"watch": "1", "timeoutSeconds": str(timeout_seconds)}
+        seconds = max(1, round(self.watch_timeout if timeout_seconds is None else timeout_seconds))
+        params = {"watch": "1", "timeoutSeconds": str(seconds)}
         if allow_bookmarks:
             params["allowWatchBookmarks"] = "true"
         if resource_version:
@@ -316,6 +428,7 @@ class ApiClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
+        await self._refresh_credentials()
         session = self._ensure_session()
         path = res.path(namespace)
         what = f"watch {res.plural}"
@@ -324,11 +437,18 @@ class ApiClient:
                 path,
                 params=params,
                 headers=self._headers(None),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self._timeout,
+                    sock_read=seconds + min(WATCH_READ_GRACE, max(2.0, seconds / 2)),
+                ),
             ) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()
                     body = orjson.loads(raw) if raw.startswith(b"{") else None
+                    if resp.status == 401 and self.config.exec_plugin is not None:
+                        # The caller re-opens the watch: with a fresh credential.
+                        self.config.exec_plugin.invalidate(self.config.exec_plugin.valid())
                     raise error_from_status(resp.status, body, what=what)
                 buf = b""
                 async for chunk in resp.content.iter_any():

@@ -106,6 +106,15 @@ def add_common_flags(
         "client-side API burst: requests allowed at once before the rate applies",
         type=int,
     )
+    add_flag(
+        parser,
+        "--watch-timeout",
+        "WATCH_TIMEOUT",
+        "5m",
+        "how long one watch runs before the server ends it and it is renewed; a watch "
+        "silent for longer (a dead connection) is dropped and re-opened",
+        type=parse_duration,
+    )
     parser.add_argument(
         "-v",
         "--verbosity",

@@ -67,22 +67,40 @@ def _response(status: int, body: bytes, content_type: str, head_only: bool) -> b
     return headers.encode() + (b"" if head_only else body)
 
 
+Reason = Callable[[], str]
+
+
+def _why(reason: Reason | None, default: str) -> bytes:
+    text = (reason() if reason is not None else "") or default
+    return f"{text}\n".encode()
+
+
 def route(
     method: str,
     target: str,
     registry: Registry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
+    *,
+    not_ready_reason: Reason | None = None,
+    unhealthy_reason: Reason | None = None,
 ) -> tuple[int, bytes, str]:
-    """Answer one request: (status, body, content type). No I/O."""
+    """Answer one request: (status, body, content type). No I/O.
+
+    A 503 body says why when a reason callable is given.
+    """
     text = "text/plain; charset=utf-8"
     if method not in ("GET", "HEAD"):
         return 405, b"only GET and HEAD\n", text
     path = target.split("?", 1)[0]
     if path == "/healthz":
-        return (200, b"ok\n", text) if healthy() else (503, b"unhealthy\n", text)
+        if healthy():
+            return 200, b"ok\n", text
+        return 503, _why(unhealthy_reason, "unhealthy"), text
     if path == "/readyz":
-        return (200, b"ok\n", text) if ready() else (503, b"not ready\n", text)
+        if ready():
+            return 200, b"ok\n", text
+        return 503, _why(not_ready_reason, "not ready"), text
     if path == "/metrics":
         return 200, registry.render().encode(), CONTENT_TYPE
     return 404, b"not found: try /healthz, /readyz or /metrics\n", text
@@ -106,6 +124,7 @@ async def _handle(
     registry: Registry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
+    reasons: dict[str, Reason | None],
 ) -> None:
     async with stream:
         with anyio.move_on_after(READ_TIMEOUT):
@@ -117,7 +136,7 @@ async def _handle(
             else:
                 method, target = parts[0], parts[1]
                 try:
-                    status, body, ctype = route(method, target, registry, ready, healthy)
+                    status, body, ctype = route(method, target, registry, ready, healthy, **reasons)
                 except Exception:
                     log.exception("health/metrics handler failed", extra={"path": target})
                     status, body, ctype = 503, b"internal error\n", "text/plain"
@@ -132,6 +151,8 @@ async def serve_http(
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
     *,
+    not_ready_reason: Reason | None = None,
+    unhealthy_reason: Reason | None = None,
     task_status: anyio.abc.TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /healthz, /readyz and /metrics on `bind` until cancelled.
@@ -159,6 +180,12 @@ async def serve_http(
         task_status.started(bound)
 
         async def handler(stream: anyio.abc.SocketStream) -> None:
-            await _handle(stream, registry, ready, healthy)
+            await _handle(
+                stream,
+                registry,
+                ready,
+                healthy,
+                {"not_ready_reason": not_ready_reason, "unhealthy_reason": unhealthy_reason},
+            )
 
         await listener.serve(handler)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
-from .apiclient import ApiClient
+from .apiclient import WATCH_READ_GRACE, ApiClient
 from .errors import ApiError, Gone
 from .resources import Resource, object_key
 
@@ -100,7 +101,7 @@ class Informer:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-        watch_timeout: int = 300,
+        watch_timeout: float | None = None,
         max_backoff: float = 30.0,
     ) -> None:
         self.client = client
@@ -114,7 +115,26 @@ class Informer:
         self.resource_version: str | None = None
         self.synced = anyio.Event()
         self.relists = 0
+        # When the loop last moved (an event, a list, a watch ended or failed):
+        # a loop stuck on a dead connection stops moving (liveness).
+        self.last_progress = time.monotonic()
         self._handlers: list[Handler] = []
+
+    def liveness_problem(self) -> str:
+        """Why this informer's loop looks stuck ("" when it moves).
+
+        A healthy loop moves at least once per watch: the server ends a quiet
+        watch after its timeout, a dead connection is dropped a grace later,
+        a failure is retried after at most 1.5 x max_backoff.
+        """
+        timeout = (
+            self.watch_timeout if self.watch_timeout is not None else self.client.watch_timeout
+        )
+        limit = timeout + WATCH_READ_GRACE + 1.5 * self.max_backoff + 30.0
+        idle = time.monotonic() - self.last_progress
+        if idle > limit:
+            return f"informer {self.resource.plural}: no progress for {idle:.0f} s"
+        return ""
 
     def add_handler(self, handler: Handler) -> None:
         """Call `handler(key, old, new)` for every change from now on."""
@@ -158,6 +178,7 @@ class Informer:
             field_selector=self.field_selector,
             timeout_seconds=self.watch_timeout,
         ):
+            self.last_progress = time.monotonic()
             obj = event.get("object") or {}
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             change = apply_watch_event(self.cache, event)
@@ -171,6 +192,7 @@ class Informer:
         failures = 0
         need_list = True
         while True:
+            self.last_progress = time.monotonic()
             try:
                 if need_list:
                     await self.relist()
@@ -188,4 +210,5 @@ class Informer:
                     "watch failed, reconnecting",
                     extra={"resource": self.resource.plural, "error": str(exc), "retryIn": delay},
                 )
+                self.last_progress = time.monotonic()
                 await anyio.sleep(delay)

@@ -14,6 +14,7 @@ error (one log line says what to fix), 2 for bad flags.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -31,6 +32,7 @@ from .deviceclasses import DesiredClass, DeviceClassController, load_device_clas
 from .errors import ApiError, Unauthorized
 from .flags import add_bool_flag, add_common_flags, add_flag, parse_duration
 from .http_server import parse_bind_address, serve_http
+from .informer import Informer
 from .kubeconfig import ClusterConfig, ConfigError, load_cluster_config
 from .leader import LeaderElector, make_identity
 from .logs import setup_logging
@@ -185,6 +187,11 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(args=args, classes=classes, plugin_daemonset=plugin)
 
 
+# Longer than any reconcile can take (each API call times out after 30 s):
+# one running this long is stuck.
+MAX_RECONCILE_SECONDS = 600.0
+
+
 class _Controller(Protocol):
     name: str
     queue: WorkQueue
@@ -210,9 +217,29 @@ class RunState:
             return True  # a standby is ready to take over
         return self.synced
 
+    def liveness_problems(self) -> list[str]:
+        """What looks stuck: an informer loop that stopped moving, or a reconcile
+        running far longer than its API calls can take. (A stuck event loop
+        does not answer /healthz at all.)"""
+        problems: list[str] = []
+        for controller in self.controllers:
+            for part in vars(controller).values():
+                if isinstance(part, Informer) and (problem := part.liveness_problem()):
+                    problems.append(f"{controller.name}: {problem}")
+                elif isinstance(part, WorkQueue) and (running := part.longest_running()):
+                    key, seconds = running
+                    if seconds > MAX_RECONCILE_SECONDS:
+                        problems.append(
+                            f"{controller.name}: reconcile of {key} running for {seconds:.0f} s"
+                        )
+        return problems
+
     def healthy(self) -> bool:
-        """The process answers: healthy (a stuck event loop would not answer at all)."""
-        return True
+        """Every controller loop moves (see `liveness_problems`)."""
+        return not self.liveness_problems()
+
+    def unhealthy_reason(self) -> str:
+        return "; ".join(self.liveness_problems())
 
 
 def _on_result(
@@ -354,11 +381,25 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
         leader_gauge.set(1 if leading else 0)
 
     async with (
-        ApiClient(cluster, qps=args.kube_api_qps, burst=args.kube_api_burst) as client,
+        ApiClient(
+            cluster,
+            qps=args.kube_api_qps,
+            burst=args.kube_api_burst,
+            watch_timeout=args.watch_timeout,
+        ) as client,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
-        await tg.start(serve_http, args.metrics_bind_address, registry, state.ready, state.healthy)
+        await tg.start(
+            functools.partial(
+                serve_http,
+                args.metrics_bind_address,
+                registry,
+                state.ready,
+                state.healthy,
+                unhealthy_reason=state.unhealthy_reason,
+            )
+        )
         version = await wait_for_api(client)
         state.connected = True
         log.info(

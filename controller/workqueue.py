@@ -36,6 +36,7 @@ class WorkQueue:
         self._queue: deque[str] = deque()
         self._dirty: set[str] = set()
         self._processing: set[str] = set()
+        self._started: dict[str, float] = {}  # key -> when its reconcile began
         self._failures: dict[str, int] = {}
         self._delayed: dict[str, float] = {}  # key -> monotonic due time
         self._wakeup = anyio.Event()
@@ -94,9 +95,17 @@ class WorkQueue:
         """Consecutive failures of `key` so far."""
         return self._failures.get(key, 0)
 
+    def longest_running(self) -> tuple[str, float] | None:
+        """The key whose reconcile has run longest, and for how many seconds (liveness)."""
+        if not self._started:
+            return None
+        key = min(self._started, key=self._started.__getitem__)
+        return key, time.monotonic() - self._started[key]
+
     def done(self, key: str) -> None:
         """Mark `key` processed; re-queue it if it was added meanwhile."""
         self._processing.discard(key)
+        self._started.pop(key, None)
         if key in self._dirty:
             self._queue.append(key)
             self._notify()
@@ -128,6 +137,7 @@ class WorkQueue:
                 key = self._queue.popleft()
                 self._dirty.discard(key)
                 self._processing.add(key)
+                self._started[key] = time.monotonic()
                 return key
             with anyio.move_on_after(wait if wait is not None else 3600):
                 await wakeup.wait()

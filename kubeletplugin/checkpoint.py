@@ -264,13 +264,31 @@ def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
 def _move_aside(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    suffix = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{suffix}")
-        suffix += 1
+    # After the newest of this second: a pruned name is never reused for a newer copy.
+    taken = [_moved_at(p)[1] for p in path.parent.glob(f"{target.name}*")]
+    if taken:
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{max(taken) + 1}")
     os.rename(path, target)
+    _prune_corrupt_copies(path)
     fsync_directory(path.parent)
     return target
+
+
+# Corrupt checkpoints kept for a post-mortem; older ones are removed.
+KEEP_CORRUPT_COPIES = 3
+
+
+def _moved_at(copy: Path) -> tuple[str, int]:
+    # `<name>.corrupt-<UTC stamp>[-<n>]`: the stamp is when it was moved aside.
+    stamp, _, n = copy.name.rsplit(".corrupt-", 1)[1].partition("-")
+    return stamp, int(n) if n.isdigit() else 0
+
+
+def _prune_corrupt_copies(path: Path) -> None:
+    copies = sorted(path.parent.glob(f"{path.name}.corrupt-*"), key=_moved_at)
+    for old in copies[:-KEEP_CORRUPT_COPIES]:
+        old.unlink(missing_ok=True)
+        log.info("removed old corrupt checkpoint copy %s", old)
 
 
 class StateLock:

@@ -74,6 +74,10 @@ class PreparedDevice:
 
     Several requests of a claim can share one device (shared mode), so a
     device lists every request it serves and counts their credits together.
+    Request names are the kubelet's: the parent request for a result of a
+    subrequest (`firstAvailable`), as containers name the parent.
+    `share_id` is the allocation's shareID of a device allocated more than
+    once (the first one when several requests of the claim share it).
     """
 
     request_names: tuple[str, ...]
@@ -82,10 +86,11 @@ class PreparedDevice:
     cdi_device_ids: tuple[str, ...]
     credits: int
     env: Mapping[str, str] = field(default_factory=dict)
+    share_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form, for the checkpoint and CDI annotations."""
-        return {
+        data: dict[str, Any] = {
             "requestNames": list(self.request_names),
             "poolName": self.pool_name,
             "deviceName": self.device_name,
@@ -93,6 +98,9 @@ class PreparedDevice:
             "credits": self.credits,
             "env": dict(self.env),
         }
+        if self.share_id:  # optional: older plugins read the entry unchanged
+            data["shareID"] = self.share_id
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> PreparedDevice:
@@ -114,6 +122,7 @@ class PreparedDevice:
             cdi_device_ids=_str_tuple(data, "cdiDeviceIds"),
             credits=credits,
             env=dict(env),
+            share_id=_optional_str(data, "shareID"),
         )
 
 
@@ -160,6 +169,13 @@ class PreparedClaim:
 
 def _str(data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _optional_str(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {value!r}")
     return value
@@ -315,6 +331,15 @@ def claim_configs_for_request(
     return [c.parameters for c in _our_configs(claim, driver) if _targets(c.requests, request_name)]
 
 
+def parent_request(request_name: str) -> str:
+    """The main request of an allocation result's request name (`parent/sub` -> `parent`).
+
+    Containers reference a claim's requests by their main names, so that is
+    what the kubelet matches prepared devices against.
+    """
+    return request_name.split("/", 1)[0]
+
+
 def quantity_to_credits(value: Any) -> int:
     """A resource.Quantity (as serialized, e.g. "4", "1k", "2e1") as whole credits.
 
@@ -438,7 +463,11 @@ def build_prepared_claim(
                 f"claim {label}: device {device_name} is not on this node "
                 f"(inventory: {listed}); re-create the pod so it gets a device this node has"
             )
-        request_names = tuple(dict.fromkeys(str(r.get("request", "")) for r in device_results))
+        # Configs name requests as allocated (`parent/sub` included); the
+        # kubelet matches containers by the parent name.
+        allocated_requests = tuple(dict.fromkeys(str(r.get("request", "")) for r in device_results))
+        request_names = tuple(dict.fromkeys(parent_request(r) for r in allocated_requests))
+        share_ids = [str(r["shareID"]) for r in device_results if r.get("shareID")]
         try:
             credits = sum(_result_credits(r) for r in device_results)
         except ValueError as exc:
@@ -448,7 +477,7 @@ def build_prepared_claim(
         applied = [
             decoded[c.index]
             for c in configs
-            if any(_targets(c.requests, request) for request in request_names)
+            if any(_targets(c.requests, request) for request in allocated_requests)
         ]
         devices.append(
             PreparedDevice(
@@ -458,6 +487,7 @@ def build_prepared_claim(
                 cdi_device_ids=(cdi_device_id(uid, device_name),),
                 credits=credits,
                 env=nx_config_env(merge_nx_configs(applied)),
+                share_id=share_ids[0] if share_ids else "",
             )
         )
 

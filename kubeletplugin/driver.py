@@ -53,6 +53,7 @@ from .claims import (
     PreparedClaim,
     build_prepared_claim,
     check_claim,
+    clip,
     validate_claim_ref,
     validate_claim_uid,
 )
@@ -72,8 +73,12 @@ if TYPE_CHECKING:  # importing the HTTP stack is deferred until the sockets are 
 
 log = logging.getLogger(__name__)
 
-# The kubelet gives a DRA call 45 s; answer before it gives up.
+# The kubelet gives a DRA call 45 s; answer before it gives up. A call's own
+# gRPC deadline (the budget the service passes) is used when it is shorter.
 PREPARE_DEADLINE = 40.0
+# Part of the budget kept for writing specs and the checkpoint after the claims
+# are decided (a busy disk's fsync takes up to ~0.2 s).
+COMMIT_RESERVE = 0.5
 
 
 @dataclass(frozen=True)
@@ -233,23 +238,47 @@ class NxDriver:
 
     # --- prepare -------------------------------------------------------------------
 
-    async def prepare_claims(self, claims: list[ClaimRef]) -> dict[str, ClaimPrepareResult]:
+    async def prepare_claims(
+        self, claims: list[ClaimRef], *, budget: float = PREPARE_DEADLINE
+    ) -> dict[str, ClaimPrepareResult]:
+        """Prepare a batch; every claim's outcome, error included, stays in its own entry.
+
+        The whole call takes at most `budget` seconds (the caller's deadline):
+        each claim gets until then minus COMMIT_RESERVE to be decided, and one
+        that is not decided by then answers with what it was waiting for.
+        """
         start = time.monotonic()
+        budget = min(budget, PREPARE_DEADLINE)
+        decide_by = start + max(0.0, budget - min(COMMIT_RESERVE, budget / 4))
         results: dict[str, ClaimPrepareResult] = {}
         decided: dict[str, PreparedClaim] = {}
 
         async def one(ref: ClaimRef) -> None:
-            async with self._limit:
-                try:
-                    validate_claim_ref(ref)
-                    known = self.claims.get(ref.uid)
-                    decided[ref.uid] = known if known is not None else await self._decide(ref)
-                except ClaimError as exc:
-                    results[ref.uid] = ClaimPrepareResult(error=str(exc))
-                except ApiError as exc:
-                    results[ref.uid] = ClaimPrepareResult(
-                        error=f"claim {ref.namespace}/{ref.name}: {exc}"
-                    )
+            label = f"claim {clip(ref.namespace)}/{clip(ref.name)}"
+            stage = ["waiting for a free prepare slot"]
+            with anyio.move_on_after(decide_by - time.monotonic()) as scope:
+                async with self._limit:
+                    try:
+                        validate_claim_ref(ref)
+                        known = self.claims.get(ref.uid)
+                        if known is None:
+                            known = await self._decide(ref, decide_by, stage)
+                        decided[ref.uid] = known
+                    except ClaimError as exc:
+                        results[ref.uid] = ClaimPrepareResult(error=str(exc))
+                    except ApiError as exc:
+                        results[ref.uid] = ClaimPrepareResult(error=f"{label}: {exc}")
+                    except Exception as exc:  # a bug must fail its claim, not the batch
+                        log.exception("preparing a claim failed", extra={"claimUID": ref.uid})
+                        results[ref.uid] = ClaimPrepareResult(
+                            error=f"{label}: internal error: {type(exc).__name__}: "
+                            f"{clip(str(exc), 300)} (plugin bug; the kubelet retries)"
+                        )
+            if scope.cancelled_caught:
+                results[ref.uid] = ClaimPrepareResult(
+                    error=f"{label}: deadline exceeded: not prepared within the call's "
+                    f"{budget:.1f} s while {stage[0]}; the kubelet retries"
+                )
 
         async with anyio.create_task_group() as tg:
             for ref in claims:
@@ -266,6 +295,7 @@ class NxDriver:
                         pool_name=d.pool_name,
                         device_name=d.device_name,
                         cdi_device_ids=list(d.cdi_device_ids),
+                        share_id=d.share_id,
                     )
                     for d in prepared.devices
                 ]
@@ -295,31 +325,34 @@ class NxDriver:
             save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
             self._written = _file_signature(self.paths.checkpoint)
 
-    async def _decide(self, ref: ClaimRef) -> PreparedClaim:
-        claim = await self._get_claim(ref)
+    async def _decide(self, ref: ClaimRef, deadline: float, stage: list[str]) -> PreparedClaim:
+        """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
+        claim = await self._get_claim(ref, deadline, stage)
         problem = check_claim(claim, ref)
         if problem:
             raise ClaimError(problem)
         if self._devices_settled is not None and not self._devices_settled.is_set():
-            with anyio.fail_after(PREPARE_DEADLINE):
-                await self._devices_settled.wait()
+            stage[0] = (
+                "waiting for this node's ResourceSlice to be published (devices not known yet)"
+            )
+            await self._devices_settled.wait()
         devices = self._device_names()
         if devices:
             # Allocated from IBM's slice before ours replaced it: the same accelerator.
             devices = {*devices, IBM_DEVICE_NAME}
         return build_prepared_claim(claim, self.driver, self.node_name, devices)
 
-    async def _get_claim(self, ref: ClaimRef) -> dict[str, Any]:
+    async def _get_claim(self, ref: ClaimRef, deadline: float, stage: list[str]) -> dict[str, Any]:
         if self._client is None:
-            with anyio.fail_after(PREPARE_DEADLINE):
-                await self._client_ready.wait()
+            stage[0] = "waiting for the API client (the plugin is starting)"
+            await self._client_ready.wait()
         client = self._client
         assert client is not None
-        res = resource_kinds(await client.resource_api_version())["ResourceClaim"]
-        deadline = time.monotonic() + PREPARE_DEADLINE
+        stage[0] = "reading the claim from the API server"
         delay = 0.05
         while True:
             try:
+                res = resource_kinds(await client.resource_api_version())["ResourceClaim"]
                 return await client.get(res, ref.name, ref.namespace)
             except NotFound as exc:
                 raise ClaimError(
@@ -327,13 +360,18 @@ class NxDriver:
                     "it was deleted before its pod started"
                 ) from exc
             except ApiError as exc:
-                if not exc.retryable or time.monotonic() + delay > deadline:
+                if not exc.retryable:
                     raise
+                # Retried until the call's deadline (the caller's scope ends it);
+                # the timeout answer then quotes the last error.
+                stage[0] = (
+                    f"reading the claim from the API server (last error: {clip(str(exc), 300)})"
+                )
                 log.warning(
                     "reading claim failed, retrying",
                     extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc)},
                 )
-                await anyio.sleep(delay)
+                await anyio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 2.0)
 
     # --- unprepare -----------------------------------------------------------------

@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -67,6 +68,14 @@ MIN_HEALTH_INTERVAL = 0.1
 MAX_STATUS_MESSAGE = 2000
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# The largest request message we decode: the kubelet's own gRPC limit (grpc-go's
+# default receive size). A bigger one is refused from its length prefix, before
+# a byte of it is buffered or parsed.
+MAX_REQUEST_MESSAGE = 4 * 1024 * 1024
+# The kubelet gives a DRA call 45 s. A call answers within its own gRPC
+# deadline, never later than this, keeping a margin for the answer's way back.
+MAX_CALL_BUDGET = 40.0
+MIN_DEADLINE_MARGIN = 0.5
 
 
 # --- what the backend sees ---------------------------------------------------
@@ -94,6 +103,7 @@ class PreparedDeviceInfo:
     pool_name: str
     device_name: str
     cdi_device_ids: list[str]
+    share_id: str = ""  # DRA v1 only; "" when the device is not shared
 
 
 @dataclass
@@ -123,11 +133,14 @@ class ChangeSignal(Protocol):
 class DraBackend(Protocol):
     """What the services need from the plugin."""
 
-    async def prepare_claims(self, claims: list[ClaimRef]) -> dict[str, ClaimPrepareResult]:
+    async def prepare_claims(
+        self, claims: list[ClaimRef], *, budget: float
+    ) -> dict[str, ClaimPrepareResult]:
         """Prepare claims (unique, non-empty UIDs); result keyed by claim UID.
 
         Per-claim failures go into that claim's result. A claim missing from
-        the answer is reported to the kubelet as failed.
+        the answer is reported to the kubelet as failed. `budget` is how many
+        seconds the caller waits for the answer (its gRPC deadline, capped).
         """
         ...
 
@@ -191,13 +204,25 @@ class SocketPaths:
 # --- wire <-> backend ------------------------------------------------------------
 
 
+_CLAIM_FIELDS = (("namespace", 1), ("uid", 2), ("name", 3))
+
+
 def _claim_refs(method: str, api: Any, claims: list[Any]) -> list[ClaimRef]:
     """Claims of a request, first occurrence of each UID; empty UIDs are a bad request."""
     refs: dict[str, ClaimRef] = {}
     for i, claim in enumerate(claims):
-        # betterproto2 turns a claim field with an invalid wire type into None.
+        # betterproto2 turns a claim with an invalid wire type into None, and
+        # a string field sent as a number into an int.
         if not isinstance(claim, api.Claim):
             raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: claim #{i} is malformed")
+        for name, number in _CLAIM_FIELDS:
+            value = getattr(claim, name, None)
+            if not isinstance(value, str):
+                raise GRPCError(
+                    Status.INVALID_ARGUMENT,
+                    f"{method}: claim #{i}: field {name} ({number}) must be a string, "
+                    f"got {type(value).__name__}",
+                )
         if not claim.uid:
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
@@ -215,10 +240,11 @@ class _DraService:
         self._api = api
         self._backend = backend
 
-    async def node_prepare_resources(self, request: Any) -> Any:
+    async def node_prepare_resources(self, request: Any, budget: float) -> Any:
         api = self._api
         claims = _claim_refs("NodePrepareResources", api, request.claims)
-        results = await self._backend.prepare_claims(claims) if claims else {}
+        results = await self._backend.prepare_claims(claims, budget=budget) if claims else {}
+        shares = "share_id" in api.Device.__dataclass_fields__  # DRA v1, not v1beta1
         out: dict[str, Any] = {}
         for claim in claims:
             result = results.get(claim.uid)
@@ -234,6 +260,7 @@ class _DraService:
                         pool_name=d.pool_name,
                         device_name=d.device_name,
                         cdi_device_ids=list(d.cdi_device_ids),
+                        **({"share_id": d.share_id} if shares and d.share_id else {}),
                     )
                     for d in result.devices
                 ],
@@ -241,7 +268,7 @@ class _DraService:
             )
         return api.NodePrepareResourcesResponse(claims=out)
 
-    async def node_unprepare_resources(self, request: Any) -> Any:
+    async def node_unprepare_resources(self, request: Any, budget: float) -> Any:
         api = self._api
         claims = _claim_refs("NodeUnprepareResources", api, request.claims)
         errors = await self._backend.unprepare_claims(claims) if claims else {}
@@ -313,13 +340,20 @@ class _HealthService:
                 await anyio.sleep(MIN_HEALTH_INTERVAL)
 
 
+# A refusal with the same reason is logged as an error at most this often
+# (anything that can reach the socket can send NotifyRegistrationStatus).
+REFUSAL_LOG_INTERVAL = 60.0
+
+
 class _RegistrationService:
     def __init__(self, driver_name: str, endpoint: Path) -> None:
         self._driver_name = driver_name
         self._endpoint = endpoint
         self.state = RegistrationState()
+        self._last_refusal: tuple[str, float] | None = None  # (reason, when logged)
+        self._refusals_not_logged = 0
 
-    async def get_info(self, request: Any) -> Any:
+    async def get_info(self, request: Any, budget: float) -> Any:
         return registration_api.PluginInfo(
             type=PLUGIN_TYPE,
             name=self._driver_name,
@@ -327,18 +361,30 @@ class _RegistrationService:
             supported_versions=list(SUPPORTED_SERVICES),
         )
 
-    async def notify_registration_status(self, request: Any) -> Any:
+    async def notify_registration_status(self, request: Any, budget: float) -> Any:
         self.state = RegistrationState(request.plugin_registered, request.error)
         if request.plugin_registered:
             log.info("kubelet registered DRA driver %s at %s", self._driver_name, self._endpoint)
         else:
-            log.error(
-                "kubelet refused to register DRA driver %s: %s "
-                "(check the kubelet version and its DynamicResourceAllocation feature gate)",
-                self._driver_name,
-                request.error or "no reason given",
-            )
+            self._log_refusal(clip(request.error or "no reason given", 500))
         return registration_api.RegistrationStatusResponse()
+
+    def _log_refusal(self, reason: str) -> None:
+        now = time.monotonic()
+        last = self._last_refusal
+        if last is not None and last[0] == reason and now - last[1] < REFUSAL_LOG_INTERVAL:
+            self._refusals_not_logged += 1
+            log.debug("kubelet refused registration again: %s", reason)
+            return
+        log.error(
+            "kubelet refused to register DRA driver %s: %s "
+            "(check the kubelet version and its DynamicResourceAllocation feature gate)",
+            self._driver_name,
+            reason,
+            extra={"repeatsNotLogged": self._refusals_not_logged},
+        )
+        self._last_refusal = (reason, now)
+        self._refusals_not_logged = 0
 
 
 # --- grpclib plumbing ------------------------------------------------------------
@@ -358,9 +404,51 @@ def _status_for(method: str, exc: Exception) -> Any:
     return GRPCError(status, clip(f"{method}: {type(exc).__name__}: {exc}", MAX_STATUS_MESSAGE))
 
 
+async def _recv_message(method: str, stream: Any) -> Any:
+    """grpclib's `Stream.recv_message`, refusing a message over MAX_REQUEST_MESSAGE
+    from its length prefix: grpclib has no receive limit and would buffer and
+    decode any size. Flow control then holds the unread rest at most one
+    HTTP/2 window (4 MiB) per stream, until the stream ends.
+
+    Uses grpclib 0.4 internals (pinned in constraints.txt): the protocol
+    stream's `recv_data`, the codec and the request type.
+    """
+    inner = stream._stream
+    meta = await inner.recv_data(5)
+    if not meta:
+        return None
+    if len(meta) != 5:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: message prefix cut short")
+    compressed, size = struct.unpack(">?I", meta)
+    if compressed:
+        raise GRPCError(Status.UNIMPLEMENTED, f"{method}: compressed messages are not supported")
+    if size > MAX_REQUEST_MESSAGE:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"{method}: request message of {size} bytes is larger than the limit of "
+            f"{MAX_REQUEST_MESSAGE} bytes (the kubelet's own); refused without reading it",
+        )
+    data = await inner.recv_data(size)
+    if len(data) != size:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: message shorter than its prefix")
+    message = stream._codec.decode(data, stream._recv_type)
+    (message,) = await stream._dispatch.recv_message(message)
+    return message
+
+
+def _call_budget(stream: Any) -> float:
+    """Seconds this call may take: its gRPC deadline minus a margin, at most MAX_CALL_BUDGET."""
+    deadline = getattr(stream, "deadline", None)
+    if deadline is None:
+        return MAX_CALL_BUDGET
+    remaining = float(deadline.time_remaining())
+    margin = max(MIN_DEADLINE_MARGIN, remaining * 0.05)
+    return max(0.0, min(MAX_CALL_BUDGET, remaining - margin))
+
+
 async def _recv_request(method: str, stream: Any) -> Any:
     try:
-        request = await stream.recv_message()
+        request = await _recv_message(method, stream)
     except (GRPCError, StreamTerminatedError, ProtocolError):
         raise
     except Exception as exc:
@@ -421,14 +509,15 @@ class _Lifecycle:
 
 
 def _unary_handler(
-    method: str, impl: Callable[[Any], Awaitable[Any]], lifecycle: _Lifecycle
+    method: str, impl: Callable[[Any, float], Awaitable[Any]], lifecycle: _Lifecycle
 ) -> Callable[[Any], Awaitable[None]]:
     async def handle(stream: Any) -> None:
         with lifecycle.call():
             request = await _recv_request(method, stream)
+            budget = _call_budget(stream)
             start = time.perf_counter()
             try:
-                reply = await impl(request)
+                reply = await impl(request, budget)
             except Exception as exc:
                 raise _status_for(method, exc) from exc
             log.debug("%s answered in %.1f ms", method, (time.perf_counter() - start) * 1e3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         ":8081",
         "address of /healthz, /readyz and /metrics; 0 disables",
     )
+    add_flag(
+        parser,
+        "--health-probe-interval",
+        "HEALTH_PROBE_INTERVAL",
+        "10s",
+        "how often the plugin calls its own sockets for /healthz",
+        type=parse_duration,
+    )
 
 
 def device_options(args: argparse.Namespace) -> DeviceOptions:
@@ -168,8 +177,12 @@ def device_options(args: argparse.Namespace) -> DeviceOptions:
     )
 
 
-def discover_node(args: argparse.Namespace) -> Inventory:
-    """Read sysfs and the device node as the flags say."""
+def discover_node(args: argparse.Namespace, known_warnings: Collection[str] = ()) -> Inventory:
+    """Read sysfs and the device node as the flags say.
+
+    Warnings are logged unless in `known_warnings` (those of the previous
+    discovery: a rediscovery every 30 s must not repeat them).
+    """
     device_node = Path(str(args.host_dev_root).rstrip("/") + DEVICE_PATH)
     if not Path(args.sysfs_root).is_dir():
         log.warning(
@@ -179,7 +192,8 @@ def discover_node(args: argparse.Namespace) -> Inventory:
         )
     inventory = discover(args.sysfs_root, device_node)
     for warning in inventory.warnings:
-        log.warning("%s", warning)
+        if warning not in known_warnings:
+            log.warning("%s", warning)
     if inventory.platform is None:
         log.info(
             "no NX-gzip found: publishing an empty pool",

@@ -5,7 +5,9 @@ rediscovery, health, metrics; one task group, cancelled on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib
 import logging
 import signal
 import time
@@ -59,19 +61,25 @@ def inventory_problem(inv: Inventory) -> str:
         return f"device node {DEVICE_PATH} is missing"
     if inv.platform is None:
         return "NX-gzip capability is gone from sysfs"
+    return ""
+
+
+def inventory_note(inv: Inventory) -> str:
+    """A remark on a healthy device: every credit in use is load, not a fault."""
     total, used = inv.credits.total, inv.credits.used
     if total is not None and used is not None and used >= total:
-        return f"all {total} NX-gzip credits are in use"
+        return f"all {total} NX-gzip credits are in use (busy, not faulty)"
     return ""
 
 
 def device_health(view: NodeView) -> list[DeviceHealth]:
     """Health of every device offered in this run, from the latest inventory."""
     problem = inventory_problem(view.inventory)
+    message = problem or inventory_note(view.inventory)
     current = [d.name for d in view.devices()]
     view.known.update(dict.fromkeys(current))
     result = [
-        DeviceHealth(view.node_name, name, healthy=not problem, message=problem) for name in current
+        DeviceHealth(view.node_name, name, healthy=not problem, message=message) for name in current
     ]
     gone = problem or "device is no longer offered on this node"
     result += [
@@ -104,8 +112,10 @@ async def run_plugin(args: argparse.Namespace) -> None:
         device_names=lambda: {d.name for d in view.devices()},
         health=lambda: device_health(view),
     )
-    for problem in await anyio.to_thread.run_sync(driver.load_state):
-        log.warning("state repaired at start: %s", problem)
+    # Each repair is logged once, where it is made (checkpoint, driver).
+    repairs = await anyio.to_thread.run_sync(driver.load_state)
+    if repairs:
+        log.info("state repaired at start", extra={"repairs": len(repairs)})
     # The kubelet creates its registry dir when it starts; do not depend on the order.
     await anyio.Path(args.kubelet_registrar_directory_path).mkdir(parents=True, exist_ok=True)
     sockets = SocketPaths.for_driver(
@@ -127,15 +137,35 @@ async def run_plugin(args: argparse.Namespace) -> None:
                 "startupSeconds": round(time.monotonic() - started, 3),
             },
         )
-        await _serve_cluster_side(args, view, driver)
+        await _serve_cluster_side(args, view, driver, sockets)
     log.info("stopped")
 
 
-async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: NxDriver) -> None:
+CLUSTER_SIDE_MODULES = (
+    "controller.apiclient",
+    "controller.kubeconfig",
+    "kubeletplugin.publisher",
+    "kubeletplugin.self_probe",
+)
+
+
+def _import_cluster_side() -> None:
+    """Import the API layer, the publisher and the gRPC client (a worker thread's job:
+    ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
+    for module in CLUSTER_SIDE_MODULES:
+        importlib.import_module(module)
+
+
+async def _serve_cluster_side(
+    args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
+) -> None:
+    await anyio.to_thread.run_sync(_import_cluster_side)
+    # Already imported: these are dictionary lookups now.
     from controller.apiclient import ApiClient
     from controller.kubeconfig import load_cluster_config
 
     from .publisher import SlicePublisher
+    from .self_probe import SelfProbe
 
     config = await load_cluster_config(args.kubeconfig)
     client = ApiClient(
@@ -143,6 +173,7 @@ async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: 
         qps=args.kube_api_qps,
         burst=args.kube_api_burst,
         user_agent=f"power-dra-kubeletplugin/{args.node_name}",
+        watch_timeout=args.watch_timeout,
     )
     publisher = SlicePublisher(
         client,
@@ -151,30 +182,46 @@ async def _serve_cluster_side(args: argparse.Namespace, view: NodeView, driver: 
         options=device_options(args),
         inventory=view.inventory,
         held_credits=driver.credits_outside_our_slice,
+        on_mode_change=lambda _mode: _forget_devices_of_old_mode(view, driver),
     )
     view.publisher = publisher
     driver.on_outside_credits_change = publisher.held_credits_changed
     driver.set_client(client, devices_settled=publisher.published)
     registry = Registry()
     _register_metrics(registry, driver, publisher)
+    probe = SelfProbe(sockets, interval=args.health_probe_interval)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_handle_signals, tg.cancel_scope, args, publisher, driver)
             await tg.start(
-                serve_http,
-                args.metrics_bind_address,
-                registry,
-                publisher.published.is_set,
-                lambda: True,
+                functools.partial(
+                    serve_http,
+                    args.metrics_bind_address,
+                    registry,
+                    publisher.published.is_set,
+                    probe.healthy,
+                    not_ready_reason=lambda: (
+                        f"ResourceSlice not published: waiting for {publisher.waiting_for}"
+                    ),
+                    unhealthy_reason=probe.problem,
+                )
             )
+            tg.start_soon(probe.run)
             tg.start_soon(publisher.run)
             tg.start_soon(_rediscover_forever, args, publisher, driver)
     finally:
         await client.close()
 
 
+def _forget_devices_of_old_mode(view: NodeView, driver: NxDriver) -> None:
+    # The shared `nx-gzip` device of the mode we fell back from was never really
+    # offered: reporting it "gone" (unhealthy) forever would be a phantom.
+    view.known.clear()
+    driver.notify_health_changed()
+
+
 def _rediscover(args: argparse.Namespace, publisher: SlicePublisher, driver: NxDriver) -> None:
-    if publisher.update_inventory(discover_node(args)):
+    if publisher.update_inventory(discover_node(args, publisher.inventory.warnings)):
         driver.notify_health_changed()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from controller.apiclient import ApiClient
-from controller.errors import AlreadyExists, NotFound
+from controller.errors import AlreadyExists, ApiError, NotFound
 from controller.informer import Informer
 from controller.resources import NODES, Resource, resource_kinds
 from controller.slices import (
@@ -70,6 +70,8 @@ class SlicePublisher:
         self._multi_allocation_probed = False
         self._on_mode_change = on_mode_change
         self._held_credits = held_credits or (lambda: 0)
+        # Why the slice is not published yet ("" once it is, or before the first try).
+        self.waiting_for = "connecting to the API server"
 
     @property
     def devices(self) -> list[Device]:
@@ -105,12 +107,34 @@ class SlicePublisher:
                 node = await self.client.get(NODES, self.node_name)
                 return str(node["metadata"]["uid"])
             except NotFound:
+                self.waiting_for = f"the Node object {self.node_name} (owner of the slices)"
                 log.warning(
                     "Node object not found yet; slices need it as owner (is --node-name right?)",
                     extra={"node": self.node_name},
                 )
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _connect(self) -> None:
+        """The served API version and the Node's UID, retried with backoff while the
+        API server is unreachable: the kubelet is served meanwhile, and prepare of
+        claims already in the checkpoint needs no API at all."""
+        delay = 0.2
+        while True:
+            try:
+                self.api_version = await self.client.resource_api_version()
+                self.node_uid = await self._node_uid()
+                return
+            except ApiError as exc:
+                if not exc.retryable:
+                    raise
+                self.waiting_for = f"the API server, unreachable: {exc}"
+                log.warning(
+                    "API server unreachable, retrying",
+                    extra={"node": self.node_name, "error": str(exc), "retryIn": delay},
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def _ours(self) -> dict[str, dict[str, Any]]:
         assert self.informer is not None
@@ -149,6 +173,7 @@ class SlicePublisher:
         extra = [o for n, o in actual.items() if n not in desired_names]
         missing = [d for d in desired if d["metadata"]["name"] not in actual]
         if not (changed or extra or missing):
+            self.waiting_for = ""
             self.published.set()
             return
         if await self._server_would_drop_multi_allocation(slices, desired):
@@ -185,6 +210,7 @@ class SlicePublisher:
                 "apiVersion": self.api_version,
             },
         )
+        self.waiting_for = ""
         self.published.set()
 
     async def _server_would_drop_multi_allocation(
@@ -253,8 +279,8 @@ class SlicePublisher:
 
     async def run(self, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Publish and keep publishing until cancelled."""
-        self.api_version = await self.client.resource_api_version()
-        self.node_uid = await self._node_uid()
+        await self._connect()
+        self.waiting_for = "the first list of this node's slices"
         slices = resource_kinds(self.api_version)["ResourceSlice"]
         self.informer = Informer(
             self.client,

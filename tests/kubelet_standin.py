@@ -104,6 +104,7 @@ class DeviceResult:
     pool_name: str
     device_name: str
     cdi_device_ids: tuple[str, ...]
+    share_id: str = ""  # DRA v1 only
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,11 @@ class Registration:
 
 def _device(dev: Any) -> DeviceResult:
     return DeviceResult(
-        tuple(dev.request_names), dev.pool_name, dev.device_name, tuple(dev.cdi_device_ids)
+        tuple(dev.request_names),
+        dev.pool_name,
+        dev.device_name,
+        tuple(dev.cdi_device_ids),
+        getattr(dev, "share_id", ""),
     )
 
 

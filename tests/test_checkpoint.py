@@ -22,6 +22,7 @@ from controller.atomic_write import atomic_write_bytes, remove_durably
 from kubeletplugin.cdi import claim_spec, write_claim_spec
 from kubeletplugin.checkpoint import (
     CHECKPOINT_FILE_NAME,
+    KEEP_CORRUPT_COPIES,
     LOCK_FILE_NAME,
     StateLock,
     checkpoint_checksum,
@@ -293,6 +294,16 @@ def test_damaged_checkpoints_moved_aside_in_the_same_second_keep_both(node: Node
         node.checkpoint.write_bytes(b"garbage")
         node.load()
     assert len(node.moved_aside()) == 2
+
+
+def test_only_the_newest_corrupt_copies_are_kept(node: Node) -> None:
+    for i in range(KEEP_CORRUPT_COPIES + 3):
+        node.checkpoint.write_bytes(f"garbage {i}".encode())
+        node.load()
+    kept = node.moved_aside()
+    assert len(kept) == KEEP_CORRUPT_COPIES
+    contents = {p.read_text() for p in kept}
+    assert contents == {f"garbage {i}" for i in range(3, KEEP_CORRUPT_COPIES + 3)}
 
 
 def test_the_boot_id_is_read_from_the_kernel_file(node: Node) -> None:

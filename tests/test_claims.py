@@ -305,8 +305,43 @@ def test_a_config_for_a_main_request_reaches_the_allocated_subrequest() -> None:
         [result(request="req/small")], config=[opaque(nx(strategy="fixed"), requests=["req"])]
     )
     (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
-    assert device.request_names == ("req/small",)
     assert device.env["NX_GZIP_STRATEGY"] == "0"
+
+
+def test_a_subrequest_result_is_reported_under_its_parent_request() -> None:
+    # The kubelet matches containers' resources.claims[].request against the
+    # parent name; `req/small` would leave the container without the device.
+    claim = make_claim([result(request="req/small")])
+    (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
+    assert device.request_names == ("req",)
+
+
+def test_a_config_for_one_subrequest_applies_only_when_that_subrequest_was_allocated() -> None:
+    config = [opaque(nx(strategy="fixed"), requests=["req/big"])]
+    small = make_claim([result(request="req/small")], config=config)
+    big = make_claim([result(request="req/big")], config=config)
+    (got_small,) = build_prepared_claim(small, DRIVER, POOL, ["nx-gzip"]).devices
+    (got_big,) = build_prepared_claim(big, DRIVER, POOL, ["nx-gzip"]).devices
+    assert "NX_GZIP_STRATEGY" not in got_small.env
+    assert got_big.env["NX_GZIP_STRATEGY"] == "0"
+
+
+def test_the_allocations_share_id_is_kept_for_the_kubelet() -> None:
+    claim = make_claim([result(shareID="7f3c0f4e-1111-4222-8333-444455556666")])
+    (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
+    assert device.share_id == "7f3c0f4e-1111-4222-8333-444455556666"
+
+
+def test_an_unshared_device_has_no_share_id() -> None:
+    (device,) = build_prepared_claim(make_claim([result()]), DRIVER, POOL, ["nx-gzip"]).devices
+    assert device.share_id == ""
+    assert "shareID" not in device.to_dict()  # entries stay readable by older plugins
+
+
+def test_share_id_survives_the_checkpoint_form() -> None:
+    claim = make_claim([result(shareID="s-1")])
+    prepared = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"])
+    assert PreparedClaim.from_dict(prepared.to_dict()) == prepared
 
 
 def test_a_device_missing_from_the_inventory_fails_the_claim() -> None:

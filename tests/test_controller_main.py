@@ -195,3 +195,49 @@ async def test_changes_around_an_apiserver_restart_still_converge(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- liveness: /healthz says whether the controller loops still move -------------------------
+
+
+class _FakeLoops:
+    """A controller's moving parts as the liveness check sees them (real objects)."""
+
+    name = "test-controller"
+
+    def __init__(self) -> None:
+        from controller.apiclient import ApiClient
+        from controller.informer import Informer
+        from controller.kubeconfig import ClusterConfig
+        from controller.resources import NODES
+        from controller.workqueue import WorkQueue
+
+        client = ApiClient(ClusterConfig(server="https://127.0.0.1:1"), watch_timeout=60)
+        self.informer = Informer(client, NODES)
+        self.queue = WorkQueue("test")
+
+
+def test_a_controller_whose_loops_move_is_healthy() -> None:
+    state = RunState(controllers=[_FakeLoops()])  # type: ignore[list-item]
+    assert state.healthy()
+    assert state.unhealthy_reason() == ""
+
+
+def test_an_informer_that_stopped_moving_makes_the_controller_unhealthy() -> None:
+    loops = _FakeLoops()
+    loops.informer.last_progress -= 3600  # stuck on a watch for an hour
+    state = RunState(controllers=[loops])  # type: ignore[list-item]
+    assert not state.healthy()
+    assert "test-controller: informer nodes: no progress for 36" in state.unhealthy_reason()
+
+
+@pytest.mark.anyio
+async def test_a_reconcile_that_never_ends_makes_the_controller_unhealthy() -> None:
+    loops = _FakeLoops()
+    loops.queue.add("ns/stuck")
+    assert await loops.queue.get() == "ns/stuck"
+    loops.queue._started["ns/stuck"] -= 3600  # began an hour ago, never done
+    state = RunState(controllers=[loops])  # type: ignore[list-item]
+    assert "reconcile of ns/stuck running for 36" in state.unhealthy_reason()
+    loops.queue.done("ns/stuck")
+    assert state.healthy()

@@ -31,9 +31,10 @@ from kubeletplugin.ibm_state import (
     ibm_cdi_device_ids,
     ibm_claim_spec_file,
 )
-from tests.dra_objects import allocate_claims, device_class
-from tests.harness.cluster import ControlPlane
+from tests.dra_objects import allocate_claims, claim, device_class, pod
+from tests.harness.cluster import ControlPlane, write_kubeconfig
 from tests.harness.plugin import PluginProcess
+from tests.harness.tcpproxy import TcpProxy
 from tests.ibm_driver_standin import write_ibm_files
 from tests.kubelet_standin import ClaimName, DraClient, PrepareAnswer, get_plugin_info
 
@@ -45,6 +46,8 @@ CLAIMS = 16
 ITERATIONS = 36
 CALL_TIMEOUT = 20.0
 START_TIMEOUT = 30.0
+FAULT_ITERATIONS = 16
+FAULT_DEADLINE = 4.0  # the kubelet allows 45 s; the plugin answers within what it is given
 
 
 @dataclass
@@ -54,8 +57,10 @@ class Cluster:
     claims: list[ClaimName]
     root: Path
 
-    def plugin(self, name: str) -> PluginProcess:
-        return PluginProcess(self.cp, self.node, self.root / name, total_credits=64)
+    def plugin(self, name: str, kubeconfig: str | None = None) -> PluginProcess:
+        return PluginProcess(
+            self.cp, self.node, self.root / name, total_credits=64, kubeconfig=kubeconfig
+        )
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,7 @@ def cluster(control_plane: ControlPlane) -> Iterator[Cluster]:
     try:
         publisher.wait_for_slices(START_TIMEOUT)
         claims = allocate_claims(control_plane, ns, node, device_class_name=cls, count=CLAIMS)
+        claims.append(allocate_first_available_claim(control_plane, ns, node, cls))
     finally:
         publisher.stop()
     yield Cluster(control_plane, node, claims, root)
@@ -79,6 +85,39 @@ def cluster(control_plane: ControlPlane) -> Iterator[Cluster]:
     control_plane.kubectl("delete", "deviceclass", cls, "--wait=false", check=False)
     control_plane.kubectl("delete", "node", node, "--wait=false", check=False)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def allocate_first_available_claim(cp: ControlPlane, ns: str, node: str, cls: str) -> ClaimName:
+    """A prioritized-list claim the scheduler allocates from its second subrequest."""
+    request = {
+        "name": "nx",
+        "firstAvailable": [
+            {
+                "name": "big",  # more credits than the node has
+                "deviceClassName": cls,
+                "capacity": {"requests": {"credits": "100000"}},
+            },
+            {"name": "small", "deviceClassName": cls},
+        ],
+    }
+    cp.apply(
+        [
+            claim(ns, "prioritized", {"devices": {"requests": [request]}}),
+            pod(ns, "holder-prioritized", node, claims={"nx": "prioritized"}),
+        ]
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        obj = json.loads(
+            cp.kubectl("get", "resourceclaim", "prioritized", "-n", ns, "-o", "json").stdout
+        )
+        allocation = (obj.get("status") or {}).get("allocation")
+        if allocation:
+            [result] = allocation["devices"]["results"]
+            assert result["request"] == "nx/small"
+            return ClaimName(ns, obj["metadata"]["uid"], "prioritized")
+        time.sleep(0.1)
+    raise TimeoutError("the prioritized claim was not allocated")
 
 
 # --- the plugin's files ---------------------------------------------------------------
@@ -160,9 +199,20 @@ class Kubelet:
     def __post_init__(self) -> None:
         self.state = {c.uid: "unprepared" for c in self.claims}
 
+    # With the API server down, a claim the plugin has not prepared before
+    # cannot be read: it fails alone, with the call's deadline.
+    api_down: bool = False
+    deadline: float = CALL_TIMEOUT
+
     def record_prepared(self, answers: dict[str, PrepareAnswer], batch: list[ClaimName]) -> None:
         for c in batch:
             answer = answers[c.uid]
+            # The prioritized claim's device is answered under its parent request.
+            assert all(d.request_names == ("nx",) for d in answer.devices), answer
+            if answer.error and self.api_down:
+                assert "deadline exceeded" in answer.error, f"{c.name}: {answer.error}"
+                self.state[c.uid] = "unprepared"  # nothing of it was written
+                continue
             assert answer.error == "", f"{c.name}: {answer.error}"
             assert answer.devices, f"{c.name}: no devices"
             first = self.devices.setdefault(c.uid, answer)
@@ -178,7 +228,7 @@ class Kubelet:
                     self.state[c.uid] = "unknown"  # until the answer arrives
                 self.calls += 1
                 if self.rng.random() < 0.5:
-                    self.record_prepared(client.prepare(batch, timeout=CALL_TIMEOUT), batch)
+                    self.record_prepared(client.prepare(batch, timeout=self.deadline), batch)
                 else:
                     answers = client.unprepare(batch, timeout=CALL_TIMEOUT)
                     assert answers == {c.uid: "" for c in batch}, answers
@@ -240,6 +290,70 @@ def test_state_survives_kill_9_at_random_points(cluster: Cluster) -> None:
     finally:
         plugin.stop()
     print(f"{ITERATIONS} kills, {kubelet.calls} calls in {time.monotonic() - started:.1f} s")
+
+
+def test_state_survives_kill_9_while_the_api_server_comes_and_goes(cluster: Cluster) -> None:
+    """The loop above, with the plugin's API server down in a random half of the
+    runs (the plugin starts and prepares without it): claims prepared before
+    answer from the state file, others fail alone within the call's deadline,
+    and nothing of a failed claim is left behind."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    proxy = TcpProxy("127.0.0.1", cluster.cp.port).start()
+    kubeconfig = str(
+        write_kubeconfig(
+            cluster.root / "faults.kubeconfig",
+            f"https://127.0.0.1:{proxy.port}",
+            cluster.cp.ca_file,
+            cluster.cp.tokens["admin"],
+            "admin",
+        )
+    )
+    plugin = cluster.plugin("faults", kubeconfig=kubeconfig)
+    kubelet = Kubelet(cluster.claims, rng, deadline=FAULT_DEADLINE)
+    listening, downs = True, 0
+    try:
+        for i in range(FAULT_ITERATIONS):
+            down = i == 0 or rng.random() < 0.5
+            if down and listening:
+                proxy.refuse()
+            elif not down and not listening:
+                proxy.accept()
+            listening, kubelet.api_down = not down, down
+            downs += down
+            where = f"seed {seed}, after kill {i} (API server {'down' if down else 'up'})"
+            start_serving(plugin)
+            check_files_agree(plugin, kubelet, where)
+            with DraClient(plugin.dra_socket) as client:
+                prepared = [c for c in cluster.claims if kubelet.state[c.uid] == "prepared"]
+                if prepared:  # known claims need no API server
+                    answers = client.prepare(prepared, timeout=FAULT_DEADLINE)
+                    assert {answers[c.uid].error for c in prepared} == {""}, where
+                    kubelet.record_prepared(answers, prepared)
+                stop = threading.Event()
+                worker = threading.Thread(target=kubelet.churn, args=(client, stop))
+                worker.start()
+                time.sleep(rng.uniform(0.0, 0.3))
+                kill(plugin)
+                stop.set()
+                worker.join(CALL_TIMEOUT)
+            assert not worker.is_alive()
+            if kubelet.failures:
+                raise AssertionError(where) from kubelet.failures[0]
+        if not listening:
+            proxy.accept()
+        kubelet.api_down = False
+        start_serving(plugin)
+        check_files_agree(plugin, kubelet, f"seed {seed}, at the end")
+        with DraClient(plugin.dra_socket) as client:
+            answers = client.unprepare(cluster.claims, timeout=CALL_TIMEOUT)
+        assert set(answers.values()) == {""}
+        assert spec_claims(plugin) == set() == checkpoint_claims(plugin)
+        assert leftovers(plugin) == []
+        assert downs > 0
+    finally:
+        plugin.stop()
+        proxy.stop()
 
 
 # --- corrupt checkpoints ---------------------------------------------------------------

@@ -144,6 +144,22 @@ async def test_claim_reference_the_api_cannot_have_fails_alone(
 
 
 @pytest.mark.anyio
+async def test_a_claim_that_cannot_be_decided_in_time_fails_alone_within_the_budget(
+    paths: DriverPaths,
+) -> None:
+    # No API client ever arrives (the plugin is still connecting): the new claim
+    # waits until the call's budget is spent, the checkpointed one answers at once.
+    driver = with_prepared(paths, prepared(UID))
+    results = await driver.prepare_claims(
+        [ClaimRef("ns", UID, "claim"), ClaimRef("ns", OTHER_UID, "new")], budget=1.0
+    )
+    assert results[UID].error == ""
+    assert results[OTHER_UID].error.startswith("claim ns/new: deadline exceeded: ")
+    assert "waiting for the API client" in results[OTHER_UID].error
+    assert not spec_path(paths, OTHER_UID).exists()
+
+
+@pytest.mark.anyio
 async def test_unprepare_removes_checkpoint_entry_and_spec(paths: DriverPaths) -> None:
     driver = with_prepared(paths, prepared(UID), prepared(OTHER_UID, "other"))
     assert await driver.unprepare_claims([ClaimRef("ns", UID, "claim")]) == {UID: ""}

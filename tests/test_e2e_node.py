@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.cluster]
 NS = "nx-e2e"
 PLAIN = "nx-gzip"
 CONFIGURED = "nx-gzip-verbose"
+FIRST_AVAILABLE = "nx-gzip-first-available"
 # PID 1 ignores SIGTERM without a handler: trap it so pods stop at once.
 WORKLOAD = (
     "trap 'exit 0' TERM; ls -l /dev/crypto/nx-gzip && env | grep '^NX_' ; sleep 2147483647 & wait"
@@ -77,7 +78,24 @@ def _templates() -> list[dict[str, Any]]:
             },
         },
     }
-    return [template(PLAIN, []), template(CONFIGURED, [nx_config])]
+    prioritized = template(FIRST_AVAILABLE, [])
+    prioritized["spec"]["spec"]["devices"]["requests"] = [first_available_request()]
+    return [template(PLAIN, []), template(CONFIGURED, [nx_config]), prioritized]
+
+
+def first_available_request() -> dict[str, Any]:
+    """Request `nx`: all the node's credits and more if possible, else one credit."""
+    return {
+        "name": "nx",
+        "firstAvailable": [
+            {
+                "name": "big",
+                "deviceClassName": DRIVER,
+                "capacity": {"requests": {"credits": "100000"}},
+            },
+            {"name": "small", "deviceClassName": DRIVER},
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +139,7 @@ def node(real_node: RealNode) -> Iterator[RealNode]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def pod_manifest(name: str, template: str = PLAIN) -> dict[str, Any]:
+def pod_manifest(name: str, template: str = PLAIN, request: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -139,15 +157,19 @@ def pod_manifest(name: str, template: str = PLAIN) -> dict[str, Any]:
                     "image": BUSYBOX_IMAGE,
                     "imagePullPolicy": "Never",
                     "command": ["sh", "-c", WORKLOAD],
-                    "resources": {"claims": [{"name": "nx"}]},
+                    "resources": {
+                        "claims": [{"name": "nx", **({"request": request} if request else {})}]
+                    },
                 }
             ],
         },
     }
 
 
-def create_pods(node: RealNode, *names: str, template: str = PLAIN) -> None:
-    doc = "\n---\n".join(json.dumps(pod_manifest(n, template)) for n in names)
+def create_pods(
+    node: RealNode, *names: str, template: str = PLAIN, request: str | None = None
+) -> None:
+    doc = "\n---\n".join(json.dumps(pod_manifest(n, template, request)) for n in names)
     node.cp.kubectl("create", "-f", "-", input=doc)
 
 
@@ -289,6 +311,20 @@ def test_pod_gets_the_device_node_and_nxconfig_environment(node: RealNode) -> No
     uid = claim["metadata"]["uid"]
     assert spec_file_name(uid) in node.cdi_specs()
     assert uid in node.checkpoint_claims()
+
+
+def test_a_first_available_claim_gives_the_container_naming_its_request_the_device(
+    node: RealNode,
+) -> None:
+    # The scheduler allocates the subrequest `nx/small`; the container names the
+    # request `nx`, which the kubelet matches against the request names we answer.
+    create_pods(node, "prioritized", template=FIRST_AVAILABLE, request="nx")
+    wait_running(node, "prioritized")
+    (result,) = claim_of(node, "prioritized")["status"]["allocation"]["devices"]["results"]
+    assert result["request"] == "nx/small"
+    out = exec_in(node, "prioritized", "ls -l /dev/crypto/nx-gzip; env | sort")
+    assert re.search(r"^crw-rw-rw-\s.*\s1,\s+3\s.*/dev/crypto/nx-gzip$", out, re.MULTILINE), out
+    assert "NX_DRA_CREDITS=1" in out
 
 
 def test_three_pods_share_the_credits_and_a_fourth_stays_pending(node: RealNode) -> None:

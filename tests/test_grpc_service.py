@@ -69,6 +69,7 @@ class RecordingBackend:
     def __init__(self) -> None:
         self.prepared: dict[str, ClaimRef] = {}
         self.calls: list[tuple[str, list[ClaimRef]]] = []
+        self.budgets: list[float] = []
         self.raise_error: Exception | None = None
         self.gate: asyncio.Event | None = None  # when set, prepare waits for it
         self.entered = asyncio.Event()
@@ -81,8 +82,11 @@ class RecordingBackend:
         if self.raise_error is not None:
             raise self.raise_error
 
-    async def prepare_claims(self, claims: list[ClaimRef]) -> dict[str, ClaimPrepareResult]:
+    async def prepare_claims(
+        self, claims: list[ClaimRef], *, budget: float
+    ) -> dict[str, ClaimPrepareResult]:
         self._check("prepare", claims)
+        self.budgets.append(budget)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -95,7 +99,11 @@ class RecordingBackend:
                 continue
             self.prepared[c.uid] = c
             device = PreparedDeviceInfo(
-                ["nx"], POOL, "nx-gzip", [f"k8s.nx.device.power.ibm.com/nx=claim-{c.uid}"]
+                ["nx"],
+                POOL,
+                "nx-gzip",
+                [f"k8s.nx.device.power.ibm.com/nx=claim-{c.uid}"],
+                share_id=f"share-{c.uid}" if c.name.startswith("shared-") else "",
             )
             out[c.uid] = ClaimPrepareResult([device])
         return out
@@ -296,6 +304,22 @@ async def test_refused_registration_is_logged_with_kubelet_reason(
     assert reason in errors[0].getMessage()
 
 
+async def test_a_repeated_refusal_is_logged_once(
+    servers: PluginServers, kubelet: Kubelet, caplog: pytest.LogCaptureFixture
+) -> None:
+    pb2, stub = kubelet.registration()
+    with caplog.at_level(logging.DEBUG, logger="kubeletplugin.grpc_service"):
+        for _ in range(20):  # anyone who can reach the socket can send this
+            await call(
+                stub.NotifyRegistrationStatus,
+                pb2.RegistrationStatus(plugin_registered=False, error="forged"),
+            )
+    assert [r.levelno for r in caplog.records if "forged" in r.getMessage()] == [
+        logging.ERROR,
+        *[logging.DEBUG] * 19,
+    ]
+
+
 async def test_accepted_registration_is_recorded(servers: PluginServers, kubelet: Kubelet) -> None:
     assert servers.registration.registered is None
     pb2, stub = kubelet.registration()
@@ -422,6 +446,63 @@ async def test_claim_with_invalid_wire_type_is_invalid_argument(
     err = await grpc_error(raw, b"\x0f")  # field 1 with wire type 7, which does not exist
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "NodeUnprepareResources: claim #0 is malformed"
+
+
+async def test_claim_field_of_the_wrong_type_is_invalid_argument_naming_it(
+    servers: PluginServers, kubelet: Kubelet, backend: RecordingBackend
+) -> None:
+    raw = kubelet.raw("/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources")
+    claim = b"\x08\x05" + b"\x12\x01u" + b"\x1a\x01n"  # namespace (1) sent as the number 5
+    err = await grpc_error(raw, b"\x0a" + bytes([len(claim)]) + claim)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "NodePrepareResources: claim #0: field namespace (1) must be a string, got int"
+    )
+    assert backend.calls == []
+
+
+async def test_a_message_over_4_mib_is_refused_before_it_is_read(
+    servers: PluginServers, kubelet: Kubelet, backend: RecordingBackend
+) -> None:
+    pb2, stub = kubelet.dra("v1")
+    claims = [pb2.Claim(namespace="default", uid=f"u{i}", name="x" * 100) for i in range(50_000)]
+    req = pb2.NodePrepareResourcesRequest(claims=claims)
+    assert req.ByteSize() > 4 * 1024 * 1024
+    err = await grpc_error(stub.NodePrepareResources, req)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than the limit of 4194304 bytes" in (err.details() or "")
+    assert backend.calls == []
+    # The connection still serves.
+    resp = await call(stub.NodePrepareResources, pb2.NodePrepareResourcesRequest())
+    assert dict(resp.claims) == {}
+
+
+async def test_the_backend_gets_the_callers_deadline_as_its_budget(
+    servers: PluginServers, kubelet: Kubelet, backend: RecordingBackend
+) -> None:
+    pb2, stub = kubelet.dra("v1")
+    req = pb2.NodePrepareResourcesRequest(claims=claims_msg(pb2, "a"))
+    await call(stub.NodePrepareResources, req, timeout=3.0)
+    await call(stub.NodePrepareResources, req, timeout=None)
+    short, unbounded = backend.budgets
+    assert 0 < short <= 3.0 - 0.5  # answered with a margin before the caller gives up
+    assert unbounded == 40.0  # never longer than the kubelet's 45 s allow
+
+
+async def test_share_id_is_answered_on_dra_v1(servers: PluginServers, kubelet: Kubelet) -> None:
+    pb2, stub = kubelet.dra("v1")
+    req = pb2.NodePrepareResourcesRequest(claims=claims_msg(pb2, "shared-a", "b"))
+    resp = await call(stub.NodePrepareResources, req)
+    assert resp.claims["uid-shared-a"].devices[0].share_id == "share-uid-shared-a"
+    assert not resp.claims["uid-b"].devices[0].HasField("share_id")
+
+
+async def test_v1beta1_answers_without_share_id(servers: PluginServers, kubelet: Kubelet) -> None:
+    pb2, stub = kubelet.dra("v1beta1")
+    req = pb2.NodePrepareResourcesRequest(claims=claims_msg(pb2, "shared-a"))
+    resp = await call(stub.NodePrepareResources, req)
+    assert resp.claims["uid-shared-a"].error == ""
+    assert "share_id" not in pb2.Device.DESCRIPTOR.fields_by_name
 
 
 async def test_unknown_method_is_unimplemented(servers: PluginServers, kubelet: Kubelet) -> None:

@@ -39,3 +39,16 @@ def test_cached_objects_carry_no_managed_fields() -> None:
     diff_relist(cache, [_obj("a", "1")])
     apply_watch_event(cache, {"type": "ADDED", "object": _obj("b", "1")})
     assert all("managedFields" not in o["metadata"] for o in cache.values())
+
+
+def test_api_connections_probe_a_silent_peer_within_a_minute() -> None:
+    import socket
+
+    from controller.apiclient import keepalive_socket
+
+    with keepalive_socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", 0))) as s:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        idle = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+        interval = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+        count = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+    assert idle + interval * count <= 60  # the kernel's default is two hours

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from kubeletplugin.discovery import discover
 from kubeletplugin.main import build_parser
@@ -25,9 +28,9 @@ def test_a_usable_device_is_healthy(tmp_path: Path) -> None:
     assert [(h.device_name, h.healthy) for h in health] == [("nx-gzip", True)]
 
 
-def test_all_credits_in_use_is_unhealthy_with_a_reason(tmp_path: Path) -> None:
+def test_all_credits_in_use_is_load_not_a_fault(tmp_path: Path) -> None:
     (h,) = device_health(_view(tmp_path, total=8, used=8))
-    assert h.healthy is False
+    assert h.healthy is True
     assert "all 8 NX-gzip credits are in use" in h.message
 
 
@@ -39,3 +42,43 @@ def test_a_device_whose_node_vanished_stays_listed_as_unhealthy(tmp_path: Path) 
     (h,) = device_health(view)
     assert (h.device_name, h.healthy) == ("nx-gzip", False)
     assert "/dev/crypto/nx-gzip is missing" in h.message
+
+
+def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from kubeletplugin.plugin import _forget_devices_of_old_mode
+
+    class Driver:
+        woken = 0
+
+        def notify_health_changed(self) -> None:
+            self.woken += 1
+
+    view = _view(tmp_path)
+    assert [h.device_name for h in device_health(view)] == ["nx-gzip"]  # shared mode
+    view._options = replace(view._options, mode="slots")  # the publisher fell back
+    driver = Driver()
+    _forget_devices_of_old_mode(view, driver)  # type: ignore[arg-type]
+    health = device_health(view)
+    assert "nx-gzip" not in [h.device_name for h in health]
+    assert all(h.healthy for h in health)
+    assert driver.woken == 1
+
+
+def test_rediscovery_logs_a_warning_only_when_it_is_new(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kubeletplugin.main import discover_node
+
+    sysfs = make_powervm_tree(tmp_path / "sys", total_credits="lots")
+    args = build_parser().parse_args(["--node-name", "n1", "--sysfs-root", str(sysfs)])
+    with caplog.at_level(logging.WARNING, logger="kubeletplugin"):
+        first = discover_node(args)
+        assert first.warnings
+        again = discover_node(args, first.warnings)  # every 30 s
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.count(first.warnings[0]) == 1
+    assert again.warnings == first.warnings

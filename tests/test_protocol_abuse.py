@@ -35,6 +35,7 @@ from tests.kubelet_standin import ClaimName, DraClient, PrepareAnswer, get_plugi
 pytestmark = pytest.mark.cluster
 
 CALL_TIMEOUT = 45.0
+MIB = 1024 * 1024
 PREPARE_V1 = "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources"
 UNPREPARE_V1 = "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources"
 GET_INFO = "/pluginregistration.Registration/GetInfo"
@@ -236,16 +237,59 @@ def random_claims(count: int, name_size: int = 20) -> list[ClaimName]:
 
 
 def test_huge_unprepare_request_answers_every_claim(target: Target) -> None:
-    claims = random_claims(48_000, name_size=60)  # a 5 MiB message
+    claims = random_claims(30_000, name_size=60)  # 3.5 MiB, under the kubelet's 4 MiB
     with DraClient(target.plugin.dra_socket) as client:
-        assert client.unprepare_request(claims).ByteSize() > 5 * 1024 * 1024
+        assert 3 * MIB < client.unprepare_request(claims).ByteSize() < 4 * MIB
         answers = client.unprepare(claims, timeout=CALL_TIMEOUT)
     assert answers == {c.uid: "" for c in claims}
     target.assert_serving()
 
 
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.parametrize("method", ["prepare", "unprepare"])
+def test_a_64_mib_request_is_refused_before_decoding_and_rss_stays(
+    target: Target, method: str
+) -> None:
+    huge = [ClaimName("default", str(uuid.uuid4()), "x" * (64 * MIB))]
+    before = rss_bytes(target.pid)
+    with DraClient(target.plugin.dra_socket) as client, pytest.raises(grpc.RpcError) as info:
+        getattr(client, method)(huge, timeout=CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than the limit of 4194304 bytes" in (info.value.details() or "")
+    # Decoding it took 230 MB; refused from its length prefix, at most one
+    # HTTP/2 flow-control window (4 MiB) of it is ever buffered.
+    assert rss_bytes(target.pid) - before < 16 * MIB
+    target.assert_serving()
+
+
+@pytest.mark.parametrize(
+    "claim_bytes,field",
+    [
+        (b"\x08\x05\x12\x01u\x1a\x01n", "namespace (1)"),
+        (b"\x0a\x02ns\x10\x07\x1a\x01n", "uid (2)"),
+        (b"\x0a\x02ns\x12\x01u\x18\x01", "name (3)"),
+    ],
+)
+def test_a_claim_field_of_the_wrong_type_is_invalid_argument_naming_it(
+    target: Target, claim_bytes: bytes, field: str
+) -> None:
+    with DraClient(target.plugin.dra_socket) as client, pytest.raises(grpc.RpcError) as info:
+        client.raw(PREPARE_V1)(
+            b"\x0a" + bytes([len(claim_bytes)]) + claim_bytes, timeout=CALL_TIMEOUT
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"claim #0: field {field} must be a string, got int" in (info.value.details() or "")
+    target.assert_serving()
+
+
 def test_claim_with_a_huge_name_fails_alone(target: Target) -> None:
-    huge = ClaimName(target.claim.namespace, str(uuid.uuid4()), "x" * (5 * 1024 * 1024))
+    huge = ClaimName(target.claim.namespace, str(uuid.uuid4()), "x" * HUGE)
     with DraClient(target.plugin.dra_socket) as client:
         answers = client.prepare([huge, target.claim], timeout=CALL_TIMEOUT)
     assert answers[huge.uid].error
@@ -255,8 +299,9 @@ def test_claim_with_a_huge_name_fails_alone(target: Target) -> None:
 
 
 # grpc-go clients (the kubelet) refuse answers over 4 MiB by default, and a
-# huge error line helps nobody: errors quote at most a short prefix.
-HUGE = 5 * 1024 * 1024
+# huge error line helps nobody: errors quote at most a short prefix. Requests
+# over 4 MiB are refused whole, so "huge" here is the most a kubelet could send.
+HUGE = 3 * MIB
 
 
 def test_claim_with_a_huge_name_gets_a_short_error(target: Target) -> None:
