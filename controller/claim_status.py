@@ -234,7 +234,13 @@ def allocation_fingerprint(claim: Mapping[str, Any], problem: str) -> str:
     """Identifies one report: the claim, its allocation and the problem found in it."""
     meta = claim.get("metadata") or {}
     allocation = (claim.get("status") or {}).get("allocation") or {}
-    allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        # Parameters nested deeper than orjson writes (255 levels): the results and
+        # the problem found still identify the report.
+        results = (allocation.get("devices") or {}).get("results") or []
+        allocated = orjson.dumps(results, option=orjson.OPT_SORT_KEYS).decode()
     return fingerprint(str(meta.get("uid") or ""), allocated, problem)
 
 
@@ -261,6 +267,7 @@ class ClaimStatusController:
         self.reporting_instance = reporting_instance
         self.workers = workers
         self.informer = Informer(client, self.resource)
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         # claim key -> name of the Event last recorded for it (so retries do not call the API)

@@ -248,6 +248,7 @@ class DeviceClassController:
         self.driver = driver
         self.desired = {d.name: d for d in desired}
         self.informer = Informer(client, self.resource, label_selector=OURS_SELECTOR)
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         self.informer.add_handler(lambda key, _old, _new: self.queue.add(key))

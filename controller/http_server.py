@@ -73,8 +73,13 @@ def route(
     registry: Registry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
+    *,
+    not_ready_reason: Callable[[], str] | None = None,
 ) -> tuple[int, bytes, str]:
-    """Answer one request: (status, body, content type). No I/O."""
+    """Answer one request: (status, body, content type). No I/O.
+
+    A failing /readyz says why when `not_ready_reason` is given.
+    """
     text = "text/plain; charset=utf-8"
     if method not in ("GET", "HEAD"):
         return 405, b"only GET and HEAD\n", text
@@ -82,7 +87,10 @@ def route(
     if path == "/healthz":
         return (200, b"ok\n", text) if healthy() else (503, b"unhealthy\n", text)
     if path == "/readyz":
-        return (200, b"ok\n", text) if ready() else (503, b"not ready\n", text)
+        if ready():
+            return 200, b"ok\n", text
+        why = not_ready_reason() if not_ready_reason is not None else ""
+        return 503, f"not ready{': ' + why if why else ''}\n".encode(), text
     if path == "/metrics":
         return 200, registry.render().encode(), CONTENT_TYPE
     return 404, b"not found: try /healthz, /readyz or /metrics\n", text
@@ -106,6 +114,7 @@ async def _handle(
     registry: Registry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
+    not_ready_reason: Callable[[], str] | None,
 ) -> None:
     async with stream:
         with anyio.move_on_after(READ_TIMEOUT):
@@ -117,7 +126,14 @@ async def _handle(
             else:
                 method, target = parts[0], parts[1]
                 try:
-                    status, body, ctype = route(method, target, registry, ready, healthy)
+                    status, body, ctype = route(
+                        method,
+                        target,
+                        registry,
+                        ready,
+                        healthy,
+                        not_ready_reason=not_ready_reason,
+                    )
                 except Exception:
                     log.exception("health/metrics handler failed", extra={"path": target})
                     status, body, ctype = 503, b"internal error\n", "text/plain"
@@ -131,6 +147,7 @@ async def serve_http(
     registry: Registry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
+    not_ready_reason: Callable[[], str] | None = None,
     *,
     task_status: anyio.abc.TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -159,6 +176,6 @@ async def serve_http(
         task_status.started(bound)
 
         async def handler(stream: anyio.abc.SocketStream) -> None:
-            await _handle(stream, registry, ready, healthy)
+            await _handle(stream, registry, ready, healthy, not_ready_reason)
 
         await listener.serve(handler)

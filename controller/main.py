@@ -31,6 +31,7 @@ from .deviceclasses import DesiredClass, DeviceClassController, load_device_clas
 from .errors import ApiError, Unauthorized
 from .flags import add_bool_flag, add_common_flags, add_flag, parse_duration
 from .http_server import parse_bind_address, serve_http
+from .informer import DEFAULT_STALL_AFTER, Informer
 from .kubeconfig import ClusterConfig, ConfigError, load_cluster_config
 from .leader import LeaderElector, make_identity
 from .logs import setup_logging
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         16,
         "claims checked concurrently",
         type=int,
+    )
+    add_flag(
+        parser,
+        "--watch-stall-timeout",
+        "WATCH_STALL_TIMEOUT",
+        f"{DEFAULT_STALL_AFTER:g}s",
+        "how long a resource's list/watch may keep failing before /readyz fails",
+        type=parse_duration,
     )
     add_bool_flag(
         parser, "--leader-elect", "LEADER_ELECT", False, "run the controllers only while leader"
@@ -189,6 +198,9 @@ class _Controller(Protocol):
     name: str
     queue: WorkQueue
 
+    @property
+    def informers(self) -> Sequence[Informer]: ...
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
 
 
@@ -203,12 +215,24 @@ class RunState:
     controllers: list[_Controller] = field(default_factory=list)
 
     def ready(self) -> bool:
-        """Ready when connected; a leader also needs its caches synced."""
+        """Ready when connected; a leader also needs its caches synced and current."""
+        return not self.not_ready_reason()
+
+    def not_ready_reason(self) -> str:
+        """Why /readyz fails ("" when ready): what a human needs to look at."""
         if not self.connected:
-            return False
+            return "not connected to the API server yet"
         if self.leader_elect and not self.leading:
-            return True  # a standby is ready to take over
-        return self.synced
+            return ""  # a standby is ready to take over
+        if not self.synced:
+            return "caches not synced yet"
+        stalled = [
+            f"{c.name}: {i.problem()}"
+            for c in list(self.controllers)
+            for i in c.informers
+            if not i.healthy()
+        ]
+        return "; ".join(stalled)
 
     def healthy(self) -> bool:
         """The process answers: healthy (a stuck event loop would not answer at all)."""
@@ -271,6 +295,9 @@ async def run_controllers(
                 on_result=_on_result(metrics, PluginDaemonSetController.name),
             )
         )
+    for controller in controllers:
+        for informer in controller.informers:
+            informer.stall_after = args.watch_stall_timeout
     state.controllers = controllers
     try:
         async with anyio.create_task_group() as tg:
@@ -346,6 +373,14 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
     def collect() -> None:
         for controller in list(state.controllers):
             metrics.queue_depth.set(controller.queue.depth, controller=controller.name)
+            for informer in controller.informers:
+                metrics.observe_informer(
+                    controller.name,
+                    informer.resource.plural,
+                    quarantined=len(informer.quarantined),
+                    total=informer.quarantined_total,
+                    healthy=informer.healthy(),
+                )
 
     registry.on_collect(collect)
 
@@ -358,7 +393,14 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
-        await tg.start(serve_http, args.metrics_bind_address, registry, state.ready, state.healthy)
+        await tg.start(
+            serve_http,
+            args.metrics_bind_address,
+            registry,
+            state.ready,
+            state.healthy,
+            state.not_ready_reason,
+        )
         version = await wait_for_api(client)
         state.connected = True
         log.info(
@@ -404,6 +446,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
     if args.orphan_grace < 0:
         parser.error("--orphan-grace must not be negative")
+    if args.watch_stall_timeout <= 0:
+        parser.error("--watch-stall-timeout must be positive")
     if args.claim_workers < 1:
         parser.error("--claim-workers must be at least 1")
 

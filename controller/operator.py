@@ -376,6 +376,7 @@ class PluginDaemonSetController:
         self.informer = Informer(
             client, DAEMONSETS, namespace=namespace, label_selector=OURS_SELECTOR
         )
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         self.informer.add_handler(lambda key, _old, _new: self.queue.add(key))

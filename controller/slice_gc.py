@@ -79,6 +79,7 @@ class SliceGC:
         self.resource = resource_kinds(api_version)["ResourceSlice"]
         self.nodes = Informer(client, NODES)
         self.slices = Informer(client, self.resource, field_selector=f"spec.driver={driver}")
+        self.informers = (self.nodes, self.slices)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         # slice name -> (its UID, monotonic time its node was first seen missing)
