@@ -263,11 +263,12 @@ def test_other_values_drop_optional_objects_and_follow_the_namespace(
             assert subject["namespace"] == OTHER_NAMESPACE
 
 
-def test_slice_policy_names_the_plugin_of_the_release_namespace() -> None:
+def test_slice_policy_names_the_plugin_service_account_in_any_namespace() -> None:
     rendered = helm_template(namespace=OTHER_NAMESPACE)
     vap = one(rendered, "ValidatingAdmissionPolicy")
     (condition,) = vap["spec"]["matchConditions"]
-    assert f"'system:serviceaccount:{OTHER_NAMESPACE}:{PLUGIN_SA}'" in condition["expression"]
+    assert f"endsWith(':{PLUGIN_SA}')" in condition["expression"]
+    assert OTHER_NAMESPACE not in json.dumps(vap["spec"])
 
 
 # --- against the API server -------------------------------------------------------

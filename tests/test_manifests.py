@@ -329,7 +329,10 @@ def test_slice_policy_matches_every_resource_version_and_only_the_plugin(
     assert rules[0]["resources"] == ["resourceslices"]
     assert vap["spec"]["failurePolicy"] == "Fail"
     (condition,) = vap["spec"]["matchConditions"]
-    assert f"'{PLUGIN_USER}'" in condition["expression"]
+    # The plugin's ServiceAccount by name, in whatever namespace an overlay or OLM puts it.
+    assert f"endsWith(':{PLUGIN_SA}')" in condition["expression"]
+    assert NAMESPACE not in json.dumps(vap)
+    assert any(f"== '{DRIVER}'" in v["expression"] for v in vap["spec"]["validations"])
     binding = one(base, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
 
@@ -605,6 +608,14 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     created = plugin.create(own)
     assert created.returncode == 0, created.stderr
 
+    # Its own node, but another driver's slice: denied.
+    foreign = {**_slice(f"{unique_name}-a-foreign", node_a)}
+    foreign["spec"] = {**foreign["spec"], "driver": "other.example.com"}
+    result = plugin.create(foreign)
+    assert result.returncode != 0, "slice of another driver was allowed"
+    assert "may only write ResourceSlices of driver nx.device.power.ibm.com" in result.stderr
+    assert "not of other.example.com" in result.stderr
+
     # Older API versions are checked as well.
     for version in ("v1beta1", "v1beta2"):
         old = _slice(f"{unique_name}-b-{version}", node_b, version)
@@ -628,3 +639,53 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     cp.kubectl("delete", "resourceslice", other["metadata"]["name"])
     cp.kubectl("delete", "pod", pod_name, "-n", NAMESPACE, "--grace-period=0", "--force")
     cp.kubectl("delete", "node", node_a, node_b)
+
+
+@pytest.mark.cluster
+def test_slice_policy_binds_the_plugin_of_an_overlay_in_another_namespace(
+    control_plane: ControlPlane, slice_policy: list[Obj], unique_name: str, tmp_path: Path
+) -> None:
+    # A kustomize overlay that only sets another namespace: its plugin is held to its node too.
+    cp = control_plane
+    moved = f"{unique_name}-ns"[-63:]
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"namespace: {moved}\nresources:\n  - {MANIFESTS / 'base'}\n"
+    )
+    objs = kustomize(overlay)
+    assert one(objs, "ValidatingAdmissionPolicy") == one(slice_policy, "ValidatingAdmissionPolicy")
+    binding = one(objs, "ClusterRoleBinding", PLUGIN_SA)
+    binding["metadata"]["name"] = f"{unique_name}-plugin"  # next to the base's binding
+    assert binding["subjects"][0]["namespace"] == moved
+    cp.apply([one(objs, "Namespace"), one(objs, "ServiceAccount", PLUGIN_SA), binding])
+    node_a, node_b = f"{unique_name}-a", f"{unique_name}-b"
+    cp.create_node(node_a)
+    cp.create_node(node_b)
+    pod_name = f"{unique_name}-plugin"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": moved},
+        "spec": {
+            "nodeName": node_a,
+            "serviceAccountName": PLUGIN_SA,
+            "containers": [{"name": "c", "image": "busybox", "imagePullPolicy": "IfNotPresent"}],
+        },
+    }
+    cp.kubectl("create", "-f", "-", input=json.dumps(pod))
+    to_pod = ["--bound-object-kind", "Pod", "--bound-object-name", pod_name]
+    token = cp.kubectl("create", "token", PLUGIN_SA, "-n", moved, *to_pod).stdout.strip()
+    plugin = PluginIdentity(cp, token, tmp_path / "plugin.kubeconfig")
+    try:
+        own = plugin.create(_slice(f"{unique_name}-a-slice", node_a))
+        assert own.returncode == 0, own.stderr  # RBAC of the overlay works
+        denied = plugin.create(_slice(f"{unique_name}-b-slice", node_b))
+        assert denied.returncode != 0, "the moved plugin wrote another node's slice"
+        assert f"on node {node_a} may only write ResourceSlices of that node" in denied.stderr
+    finally:
+        cp.kubectl("delete", "resourceslice", f"{unique_name}-a-slice", "--ignore-not-found")
+        cp.kubectl("delete", "resourceslice", f"{unique_name}-b-slice", "--ignore-not-found")
+        cp.kubectl("delete", "clusterrolebinding", f"{unique_name}-plugin")
+        cp.kubectl("delete", "namespace", moved, "--wait=false")
+        cp.kubectl("delete", "node", node_a, node_b)
