@@ -17,9 +17,9 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -28,7 +28,7 @@ from .apiclient import ApiClient
 from .claim_status import ClaimStatusController
 from .config import ConfigFileError
 from .deviceclasses import DesiredClass, DeviceClassController, load_device_classes
-from .errors import ApiError, Unauthorized
+from .errors import ApiError, NotFound, Unauthorized
 from .flags import add_bool_flag, add_common_flags, add_flag, parse_duration
 from .http_server import parse_bind_address, serve_http
 from .informer import DEFAULT_STALL_AFTER, Informer
@@ -41,6 +41,7 @@ from .operator import (
     PluginDaemonSetController,
     load_plugin_daemonset_config,
 )
+from .resources import CLUSTERROLES, DEPLOYMENTS, Resource
 from .slice_gc import DEFAULT_ORPHAN_GRACE, SliceGC
 from .workqueue import WorkQueue
 
@@ -161,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--owner-deployment",
+        "OWNER_DEPLOYMENT",
+        None,
+        "operator mode: the Deployment in --namespace (the controller's own) that owns the "
+        "plugin DaemonSet, so that uninstalling the operator removes it",
+    )
+    add_flag(
+        parser,
+        "--owner-cluster-role",
+        "OWNER_CLUSTER_ROLE",
+        None,
+        "operator mode: a ClusterRole the installer deletes on uninstall that owns the "
+        "DeviceClasses, so that they go with it",
+    )
+    add_flag(
+        parser,
         "--metrics-bind-address",
         "METRICS_BIND_ADDRESS",
         ":8080",
@@ -254,6 +271,32 @@ def _on_result(
     return on_result
 
 
+def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to `obj` (no blockOwnerDeletion: that needs rights on the owner)."""
+    meta = obj.get("metadata") or {}
+    return {
+        "apiVersion": str(obj.get("apiVersion")),
+        "kind": str(obj.get("kind")),
+        "name": str(meta.get("name")),
+        "uid": str(meta.get("uid")),
+    }
+
+
+async def _owner(
+    client: ApiClient, res: Resource, name: str | None, namespace: str | None
+) -> list[dict[str, Any]]:
+    if not name:
+        return []
+    try:
+        obj = await client.get(res, name, namespace)
+    except NotFound as exc:
+        raise LookupError(
+            f"owner {res.kind} {name}{f' in namespace {namespace}' if namespace else ''} "
+            "does not exist: check --owner-deployment / --owner-cluster-role"
+        ) from exc
+    return [owner_reference({**obj, "apiVersion": res.api_version, "kind": res.kind})]
+
+
 async def run_controllers(
     client: ApiClient,
     settings: Settings,
@@ -264,11 +307,13 @@ async def run_controllers(
     """Run every enabled controller until cancelled."""
     args = settings.args
     version = await client.resource_api_version()
+    class_owner = await _owner(client, CLUSTERROLES, args.owner_cluster_role, None)
     controllers: list[_Controller] = [
         DeviceClassController(
             client,
             version,
             settings.classes,
+            owner_references=class_owner,
             on_result=_on_result(metrics, DeviceClassController.name),
         ),
         SliceGC(
@@ -292,6 +337,9 @@ async def run_controllers(
                 client,
                 args.namespace,
                 settings.plugin_daemonset,
+                owner_references=await _owner(
+                    client, DEPLOYMENTS, args.owner_deployment, args.namespace
+                ),
                 on_result=_on_result(metrics, PluginDaemonSetController.name),
             )
         )

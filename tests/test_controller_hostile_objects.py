@@ -94,17 +94,22 @@ def test_json_within_orjsons_depth_is_decoded_untouched() -> None:
 # --- against the real control plane ---------------------------------------------------
 
 
-def _sa_kubeconfig(config: ClusterConfig, path: Path) -> Path:
+def sa_kubeconfig(config: ClusterConfig, path: Path) -> Path:
     assert config.token and config.ca_file
     return write_kubeconfig(path, config.server, Path(config.ca_file), config.token, "controller")
 
 
 @contextmanager
-def _controller(kubeconfig: Path, namespace: str, *extra: str) -> Iterator[tuple[int, Path]]:
+def run_controller(
+    kubeconfig: Path, namespace: str, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, Path]]:
     """The real controller process; yields its metrics port and its log file."""
     port = free_port()
     log_path = kubeconfig.with_suffix(".log")
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "POD_NAMESPACE")}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "POD_NAMESPACE")},
+        **(env or {}),
+    }
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [
@@ -132,7 +137,7 @@ def _controller(kubeconfig: Path, namespace: str, *extra: str) -> Iterator[tuple
                 proc.wait()
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def http_get(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
             return resp.status, resp.read().decode()
@@ -173,14 +178,14 @@ async def test_a_deep_and_a_huge_claim_elsewhere_never_delay_our_claims_status(
     cp.create_namespace(home)
     cp.kubectl("create", "-f", "-", input=_deep_claim(hostile, "deep"))
     cp.kubectl("create", "-f", "-", input=json.dumps(_huge_claim(hostile, "huge")))
-    kubeconfig = _sa_kubeconfig(restricted_config(cp, home, ns), tmp_path / "sa.kubeconfig")
+    kubeconfig = sa_kubeconfig(restricted_config(cp, home, ns), tmp_path / "sa.kubeconfig")
     claims = resource_kinds(await api.resource_api_version())["ResourceClaim"]
     try:
-        with _controller(kubeconfig, home) as (port, log_path):
-            await _until(lambda: _get(port, "/readyz")[0] == 200, 30, "the controller ready")
+        with run_controller(kubeconfig, home) as (port, log_path):
+            await _until(lambda: http_get(port, "/readyz")[0] == 200, 30, "the controller ready")
 
             def quarantine_total() -> float:
-                total = _metric(_get(port, "/metrics")[1], f"{QUARANTINED}_total", **CLAIMS)
+                total = _metric(http_get(port, "/metrics")[1], f"{QUARANTINED}_total", **CLAIMS)
                 return total or 0.0
 
             await _until(lambda: quarantine_total() >= 1, 10, "the deep claim quarantined")
@@ -204,13 +209,13 @@ async def test_a_deep_and_a_huge_claim_elsewhere_never_delay_our_claims_status(
             (entry,) = _entries(claim, DRIVER)
             assert entry["conditions"][0]["status"] == "True"
 
-            status, body = _get(port, "/readyz")
+            status, body = http_get(port, "/readyz")
             assert status == 200, body
-            assert _metric(_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 1.0
+            assert _metric(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 1.0
             # Deleting it is seen too: nothing left in quarantine.
             cp.kubectl("delete", "resourceclaim", "deep", "-n", hostile)
             await _until(
-                lambda: _metric(_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 0.0,
+                lambda: _metric(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 0.0,
                 10,
                 "the deleted deep claim out of quarantine",
             )
@@ -240,21 +245,21 @@ async def test_readyz_fails_naming_the_resource_while_its_watch_is_refused(
         if rule["resources"] == ["resourceclaims"]:
             rule["verbs"] = [v for v in rule["verbs"] if v != "watch"]
     cp.apply(role)
-    kubeconfig = _sa_kubeconfig(config, tmp_path / "sa.kubeconfig")
+    kubeconfig = sa_kubeconfig(config, tmp_path / "sa.kubeconfig")
     try:
-        with _controller(kubeconfig, home, "--watch-stall-timeout=1s") as (port, _):
+        with run_controller(kubeconfig, home, "--watch-stall-timeout=1s") as (port, _):
 
             def refused() -> bool:
-                status, body = _get(port, "/readyz")
+                status, body = http_get(port, "/readyz")
                 return status == 503 and "resourceclaims" in body
 
             await _until(refused, 30, "/readyz to fail over the refused claims watch")
-            _, body = _get(port, "/readyz")
+            _, body = http_get(port, "/readyz")
             assert "claim-status: resourceclaims: list/watch failing" in body, body
             assert "Forbidden" in body, body
             role["rules"] = full_rules
             cp.apply(role)
-            await _until(lambda: _get(port, "/readyz")[0] == 200, 30, "/readyz back to 200")
+            await _until(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz back to 200")
     finally:
         cp.kubectl("delete", "namespace", home, "--wait=false")
         cp.kubectl("delete", "clusterrole,clusterrolebinding", home, "--ignore-not-found")
