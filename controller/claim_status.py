@@ -29,7 +29,6 @@ see docs/RBAC-controller.md.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +38,7 @@ import anyio.abc
 import orjson
 
 from .allocation import driver_opaque_configs, driver_results
+from .allocation import result_credits as allocation_result_credits
 from .apiclient import ApiClient
 from .errors import Forbidden, Invalid
 from .events import WARNING, event_name, event_object, fingerprint, record_event
@@ -46,7 +46,6 @@ from .informer import Informer
 from .names import DRIVER_NAME, FIELD_MANAGER
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
-from .slices import parse_quantity
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -121,16 +120,13 @@ def config_problem(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None
     return None
 
 
-def result_credits(result: Mapping[str, Any]) -> int:
-    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot)."""
-    consumed = result.get("consumedCapacity") or {}
-    for key in (CREDITS, f"{DRIVER}/{CREDITS}"):
-        if key in consumed:
-            try:
-                return math.ceil(parse_quantity(consumed[key]))
-            except (TypeError, ValueError):
-                return 1
-    return 1
+def result_credits(result: Mapping[str, Any], driver: str = DRIVER) -> int:
+    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot).
+
+    Raises:
+        ValueError: an unreadable consumed capacity (the plugin refuses such a claim).
+    """
+    return allocation_result_credits(result, driver)
 
 
 def _time(now: datetime) -> str:
@@ -190,7 +186,15 @@ def desired_entries(
     credits: dict[DeviceKey, int] = {}
     for result in our_results(claim, driver):
         key = device_key(result)
-        credits[key] = credits.get(key, 0) + result_credits(result)
+        try:
+            amount = result_credits(result, driver)
+        except ValueError as exc:
+            # The plugin refuses the claim for this: say so instead of counting 1.
+            amount = 0
+            problem = problem or (
+                f"claim {_label(claim)}: device {key[2]}: unreadable consumedCapacity: {exc}"
+            )
+        credits[key] = credits.get(key, 0) + amount
     entries: list[Obj] = []
     for key, amount in credits.items():
         _, pool, device, share = key
