@@ -317,8 +317,19 @@ def plugin_daemonset(
             },
             {"name": "plugins", "mountPath": config.kubelet_plugins_directory_path},
             {"name": "cdi", "mountPath": config.cdi_root},
-            {"name": "host-sys", "mountPath": SYSFS_MOUNT, "readOnly": True},
-            {"name": "host-dev", "mountPath": f"{HOST_DEV_ROOT}/dev", "readOnly": True},
+            # Read-only all the way down (submounts too), where the node supports it.
+            {
+                "name": "host-sys",
+                "mountPath": SYSFS_MOUNT,
+                "readOnly": True,
+                "recursiveReadOnly": "IfPossible",
+            },
+            {
+                "name": "host-dev",
+                "mountPath": f"{HOST_DEV_ROOT}/dev",
+                "readOnly": True,
+                "recursiveReadOnly": "IfPossible",
+            },
         ],
     }
     pod_spec: Obj = {

@@ -229,6 +229,15 @@ def test_other_values_reach_the_plugin(other_render: list[Obj]) -> None:
         assert volumes[mounts[value]] == value
 
 
+def test_without_leader_election_only_one_controller_runs() -> None:
+    # Two replicas without a lease would both reconcile at once.
+    rendered = helm_template("--set", "controller.leaderElect=false")
+    dep = one(rendered, "Deployment", CONTROLLER_SA)
+    assert dep["spec"]["replicas"] == 1
+    assert env_of(container(dep))["LEADER_ELECT"] == "false"
+    assert one(helm_template(), "Deployment", CONTROLLER_SA)["spec"]["replicas"] == 2
+
+
 def test_other_values_reach_the_controller(other_render: list[Obj]) -> None:
     dep = one(other_render, "Deployment", CONTROLLER_SA)
     pod = dep["spec"]["template"]["spec"]

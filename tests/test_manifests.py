@@ -208,6 +208,9 @@ def test_plugin_sees_host_sys_and_dev_read_only_where_its_flags_point(base: list
     dev_mount = env["HOST_DEV_ROOT"] + "/dev"
     assert volumes[mounts[dev_mount]["name"]] == "/dev"
     assert mounts[dev_mount]["readOnly"] is True
+    # Submounts of the host's /sys and /dev (say, /dev/shm) read-only too, where supported.
+    assert mounts["/host-sys"]["recursiveReadOnly"] == "IfPossible"
+    assert mounts[dev_mount]["recursiveReadOnly"] == "IfPossible"
 
 
 def test_plugin_gets_node_name_and_pod_uid_from_the_downward_api(base: list[Obj]) -> None:
@@ -332,7 +335,7 @@ def test_slice_policy_matches_every_resource_version_and_only_the_plugin(
     (condition,) = vap["spec"]["matchConditions"]
     # The plugin's ServiceAccount by name, in whatever namespace an overlay or OLM puts it.
     assert f"endsWith(':{PLUGIN_SA}')" in condition["expression"]
-    assert NAMESPACE not in json.dumps(vap)
+    assert f"serviceaccount:{NAMESPACE}:" not in json.dumps(vap["spec"])
     assert any(f"== '{DRIVER}'" in v["expression"] for v in vap["spec"]["validations"])
     binding = one(base, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
