@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +321,8 @@ async def test_every_plugin_call_works_as_its_service_account(
             while not await check():
                 await anyio.sleep(0.1)
 
-    plugin = PluginProcess(cp, node, tmp_path / "p", kubeconfig=str(kubeconfig)).start()
+    workdir = Path(tempfile.mkdtemp(prefix="nx-rbac-"))  # unix socket paths stay short
+    plugin = PluginProcess(cp, node, workdir, kubeconfig=str(kubeconfig)).start()
     try:
         # Published: node get, slice list/watch, dry-run create, create.
         async def published() -> bool:
@@ -356,6 +359,7 @@ async def test_every_plugin_call_works_as_its_service_account(
         assert "deleting slice no longer desired" in plugin.log()
     finally:
         plugin.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     # The calls the process makes only on a race or per claim, made the same way.
     async with ApiClient(config) as as_plugin:
