@@ -5,6 +5,7 @@ promise, checked on the rendered objects, and accepted by a real API server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -540,6 +541,9 @@ class PluginIdentity:
     def run(self, *args: str) -> Any:
         return self.cp.kubectl(*args, check=False, kubeconfig=self.kubeconfig)
 
+    def run_with_input(self, text: str, *args: str) -> Any:
+        return self.cp.kubectl(*args, input=text, check=False, kubeconfig=self.kubeconfig)
+
 
 @pytest.fixture(scope="module")
 def slice_policy(control_plane: ControlPlane, base: list[Obj]) -> Iterator[list[Obj]]:
@@ -628,8 +632,13 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
 
     # Another node's existing slice can be neither changed nor deleted.
     cp.kubectl("create", "-f", "-", input=json.dumps(other))
-    patched = plugin.run("label", "resourceslice", other["metadata"]["name"], "touched=yes")
-    assert patched.returncode != 0 and "may only write ResourceSlices" in patched.stderr
+    # (The plugin updates with PUT; it is granted no patch at all.)
+    current = json.loads(
+        cp.kubectl("get", "resourceslice", other["metadata"]["name"], "-o", "json").stdout
+    )
+    current["metadata"].setdefault("labels", {})["touched"] = "yes"
+    replaced = plugin.run_with_input(json.dumps(current), "replace", "-f", "-")
+    assert replaced.returncode != 0 and "may only write ResourceSlices" in replaced.stderr
     deleted = plugin.run("delete", "resourceslice", other["metadata"]["name"])
     assert deleted.returncode != 0 and "may only write ResourceSlices" in deleted.stderr
 
@@ -655,10 +664,11 @@ def test_slice_policy_binds_the_plugin_of_an_overlay_in_another_namespace(
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
-        f"namespace: {moved}\nresources:\n  - {MANIFESTS / 'base'}\n"
+        f"namespace: {moved}\nresources:\n  - {os.path.relpath(MANIFESTS / 'base', overlay)}\n"
     )
     objs = kustomize(overlay)
-    assert one(objs, "ValidatingAdmissionPolicy") == one(slice_policy, "ValidatingAdmissionPolicy")
+    policy = one(slice_policy, "ValidatingAdmissionPolicy")
+    assert one(objs, "ValidatingAdmissionPolicy")["spec"] == policy["spec"]
     binding = one(objs, "ClusterRoleBinding", PLUGIN_SA)
     binding["metadata"]["name"] = f"{unique_name}-plugin"  # next to the base's binding
     assert binding["subjects"][0]["namespace"] == moved
