@@ -24,6 +24,7 @@ import pytest
 
 from controller.apiclient import ApiClient
 from controller.deep_json import PRUNED, contains_pruned, decode_pruning, prune_deep
+from controller.errors import Undecodable
 from controller.kubeconfig import ClusterConfig
 from controller.resources import resource_kinds
 from tests.harness.cluster import ControlPlane, free_port, write_kubeconfig
@@ -97,6 +98,32 @@ def test_json_within_orjsons_depth_is_decoded_untouched() -> None:
 
 
 # --- against the real control plane ---------------------------------------------------
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_reading_a_claim_too_deep_to_decode_says_so_and_invents_nothing(
+    api: ApiClient, control_plane: ControlPlane, unique_name: str
+) -> None:
+    # What the plugin's prepare does with such a claim: one GET, a clear error (before,
+    # request() made up {"message": ...} and the plugin said "UID None ... re-created").
+    control_plane.create_namespace(unique_name)
+    control_plane.kubectl("create", "-f", "-", input=_deep_claim(unique_name, "deep"))
+    claims = resource_kinds(await api.resource_api_version())["ResourceClaim"]
+    try:
+        with pytest.raises(Undecodable, match="depth limit exceeded") as caught:
+            await api.get(claims, "deep", unique_name)
+        assert caught.value.status == 200
+        assert not caught.value.retryable
+        # A list holding it fails the same way unless the caller takes the unreadable items.
+        with pytest.raises(Undecodable, match=f"{unique_name}/deep is nested deeper"):
+            await api.list(claims, unique_name)
+        skipped: list[dict[str, Any]] = []
+        listing = await api.list(claims, unique_name, quarantine=skipped.append)
+        assert listing["items"] == []
+        assert [o["metadata"]["name"] for o in skipped] == ["deep"]
+    finally:
+        control_plane.kubectl("delete", "namespace", unique_name, "--wait=false")
 
 
 def sa_kubeconfig(config: ClusterConfig, path: Path) -> Path:
