@@ -357,3 +357,32 @@ def test_install_upgrade_uninstall_with_the_documented_commands(
     ):
         args = ["get", kind, name, "--ignore-not-found", "-o", "name"]
         assert cp.kubectl(*args, *(["-n", ns] if ns else [])).stdout == "", (kind, name)
+
+
+@pytest.mark.cluster
+def test_install_into_a_namespace_enforcing_baseline_is_refused_with_the_fix(
+    own_control_plane: ControlPlane,
+) -> None:
+    # The plugin's pods would be rejected there while helm said "deployed".
+    cp = own_control_plane
+    namespace = "psa-baseline"
+    cp.kubectl("create", "namespace", namespace)
+    cp.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=baseline")
+    try:
+        refused = helm(
+            "install",
+            "nx",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            cp.kubeconfig,
+            "--wait=false",
+            check=False,
+        )
+        assert refused.returncode != 0
+        assert 'enforces Pod Security level "baseline"' in refused.stderr
+        assert f"kubectl label namespace {namespace} pod-security" in refused.stderr
+        assert cp.kubectl("get", "daemonset", "-n", namespace, "-o", "name").stdout == ""
+    finally:
+        cp.kubectl("delete", "namespace", namespace, "--wait=false")
