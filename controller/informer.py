@@ -136,6 +136,8 @@ class Informer:
         # monotonic time list/watch started failing (None while working), last error
         self.failing_since: float | None = None
         self.last_error = ""
+        self._open_quiet = False  # the current watch was accepted and delivered nothing yet
+        self._failed_after_open = False
         self._handlers: list[Handler] = []
 
     def add_handler(self, handler: Handler) -> None:
@@ -181,8 +183,18 @@ class Informer:
 
     def _working(self) -> None:
         self.failing_since = None
+        self._failed_after_open = False
+
+    def _opened(self) -> None:
+        # An accepted watch counts as working, unless the last one failed after it was
+        # accepted without delivering anything: that stream is stuck on one event.
+        self._open_quiet = True
+        if not self._failed_after_open:
+            self.failing_since = None
 
     def _quarantine_event(self, event: Obj) -> None:
+        self._working()  # the stream moves on
+        self._open_quiet = False
         obj = event.get("object")
         if not isinstance(obj, dict):
             return
@@ -239,8 +251,10 @@ class Informer:
             field_selector=self.field_selector,
             timeout_seconds=self.watch_timeout,
             quarantine=self._quarantine_event,
-            on_open=self._working,
+            on_open=self._opened,
         ):
+            self._working()
+            self._open_quiet = False
             obj = event.get("object") or {}
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             if event.get("type") in ("ADDED", "MODIFIED") and isinstance(obj, dict):
@@ -261,7 +275,9 @@ class Informer:
                     await self.relist()
                     need_list = False
                     self._working()
+                self._open_quiet = False
                 await self._watch_once()
+                self._working()
                 failures = 0  # the server closed a healthy watch: resume from our RV
             except Gone:
                 log.info("watch expired, re-listing", extra={"resource": self.resource.plural})
@@ -269,6 +285,7 @@ class Informer:
                 failures = 0
             except ApiError as exc:
                 failures += 1
+                self._failed_after_open = self._open_quiet
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 self.last_error = str(exc)
