@@ -304,6 +304,15 @@ async def test_every_plugin_call_works_as_its_service_account(
         or (o["metadata"]["name"] == PLUGIN_SA and "Role" in o["kind"])
     ]
     cp.apply(objs)
+    try:
+        await _plugin_calls(cp, api, unique_name, tmp_path)
+    finally:
+        for o in reversed(objs):  # leave the shared control plane as it was
+            if o["kind"] not in ("Namespace", "ServiceAccount"):
+                cp.kubectl("delete", o["kind"].lower(), o["metadata"]["name"], "--ignore-not-found")
+
+
+async def _plugin_calls(cp: ControlPlane, api: ApiClient, unique_name: str, tmp_path: Path) -> None:
     node = unique_name
     cp.create_node(node)
     config = _plugin_config(cp, NAMESPACE, node)
