@@ -32,7 +32,6 @@ see docs/RBAC-controller.md.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +41,7 @@ import anyio.abc
 import orjson
 
 from .allocation import driver_opaque_configs, driver_results
+from .allocation import result_credits as allocation_result_credits
 from .apiclient import ApiClient
 from .errors import Forbidden, Invalid
 from .events import WARNING, event_name, event_object, fingerprint, record_event
@@ -49,7 +49,6 @@ from .informer import Informer
 from .names import DRIVER_NAME, FIELD_MANAGER
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
-from .slices import parse_quantity
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -144,16 +143,13 @@ def config_notes(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None:
     return f"claim {_label(claim)}: " + "; ".join(notes)
 
 
-def result_credits(result: Mapping[str, Any]) -> int:
-    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot)."""
-    consumed = result.get("consumedCapacity") or {}
-    for key in (CREDITS, f"{DRIVER}/{CREDITS}"):
-        if key in consumed:
-            try:
-                return math.ceil(parse_quantity(consumed[key]))
-            except (TypeError, ValueError):
-                return 1
-    return 1
+def result_credits(result: Mapping[str, Any], driver: str = DRIVER) -> int:
+    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot).
+
+    Raises:
+        ValueError: an unreadable consumed capacity (the plugin refuses such a claim).
+    """
+    return allocation_result_credits(result, driver)
 
 
 def _time(now: datetime) -> str:
@@ -213,7 +209,15 @@ def desired_entries(
     credits: dict[DeviceKey, int] = {}
     for result in our_results(claim, driver):
         key = device_key(result)
-        credits[key] = credits.get(key, 0) + result_credits(result)
+        try:
+            amount = result_credits(result, driver)
+        except ValueError as exc:
+            # The plugin refuses the claim for this: say so instead of counting 1.
+            amount = 0
+            problem = problem or (
+                f"claim {_label(claim)}: device {key[2]}: unreadable consumedCapacity: {exc}"
+            )
+        credits[key] = credits.get(key, 0) + amount
     entries: list[Obj] = []
     for key, amount in credits.items():
         _, pool, device, share = key
@@ -257,7 +261,13 @@ def allocation_fingerprint(claim: Mapping[str, Any], problem: str) -> str:
     """Identifies one report: the claim, its allocation and the problem found in it."""
     meta = claim.get("metadata") or {}
     allocation = (claim.get("status") or {}).get("allocation") or {}
-    allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        # Parameters nested deeper than orjson writes (255 levels): the results and
+        # the problem found still identify the report.
+        results = (allocation.get("devices") or {}).get("results") or []
+        allocated = orjson.dumps(results, option=orjson.OPT_SORT_KEYS).decode()
     return fingerprint(str(meta.get("uid") or ""), allocated, problem)
 
 
@@ -284,6 +294,7 @@ class ClaimStatusController:
         self.reporting_instance = reporting_instance
         self.workers = workers
         self.informer = Informer(client, self.resource)
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         # claim key -> name of the Event last recorded for it (so retries do not call the API)

@@ -92,6 +92,18 @@ def test_a_valid_allocation_gets_a_ready_entry_with_its_credits() -> None:
     ]
 
 
+def test_an_unreadable_consumed_capacity_is_not_ready_like_the_plugin_says() -> None:
+    # The plugin refuses such a claim; the controller must not report it Ready with 1 credit.
+    from kubeletplugin.claims import ClaimError, build_prepared_claim
+
+    claim = _claim([], [_ours(credits="lots")])
+    entries, problem = desired_entries(claim, NOW)
+    assert problem is not None and "unreadable consumedCapacity" in problem
+    assert entries[0]["conditions"][0]["status"] == "False"
+    with pytest.raises(ClaimError, match="unreadable consumedCapacity"):
+        build_prepared_claim(claim, DRIVER, "n1", ["nx-gzip"])
+
+
 def test_a_slot_device_without_consumed_capacity_counts_one_credit() -> None:
     assert result_credits(_ours(device="nx-gzip-0", credits=None, share=None)) == 1
     assert result_credits(_ours(credits="1500m")) == 2  # fractions round up
