@@ -257,8 +257,14 @@ def host_state() -> dict[str, Any]:
     }
 
 
-def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """How `after` differs from `before` (new cgroups only: others may remove theirs)."""
+def host_changes(
+    before: dict[str, Any], after: dict[str, Any], own_cgroup_root: str | None = None
+) -> list[str]:
+    """How `after` differs from `before` (new cgroups only: others may remove theirs).
+
+    With `own_cgroup_root`, the cgroup roots of other harness nodes (another test
+    run on this machine) are not counted: each node's own teardown checks that its
+    root is gone."""
     changes = []
     for tool in sorted(set(before["iptables"]) | set(after["iptables"])):
         if before["iptables"].get(tool) != after["iptables"].get(tool):
@@ -269,6 +275,8 @@ def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     if new_mounts:
         changes.append(f"new host mounts {new_mounts}")
     new_cgroups = sorted(set(after["cgroups"]) - set(before["cgroups"]))
+    if own_cgroup_root is not None:
+        new_cgroups = [c for c in new_cgroups if not _other_nodes_cgroup(c, own_cgroup_root)]
     if new_cgroups:
         changes.append(f"new cgroups {new_cgroups}")
     for kind in ("paths", "sysctl"):
@@ -277,6 +285,12 @@ def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             if now != was:
                 changes.append(f"{key}: {was} -> {now}")
     return changes
+
+
+def _other_nodes_cgroup(path: str, own_root: str) -> bool:
+    """`path` lies under the cgroup root of another harness node than `own_root`."""
+    parts = Path(path).parts
+    return any(p.startswith("power-dra-") and p != own_root for p in parts)
 
 
 # --- processes, namespace, cgroups -----------------------------------------------------
@@ -1046,7 +1060,7 @@ disabled_plugins = [
 
     def host_changes(self) -> list[str]:
         """What differs on the host from before `start` (call after `stop`)."""
-        return host_changes(self.host_before, host_state())
+        return host_changes(self.host_before, host_state(), self.cgroup_root)
 
     def _write_state(self) -> None:
         """What `python -m tests.harness.node down` needs to clean up without us."""
