@@ -4,8 +4,13 @@ find a driver's results and opaque configs (same shape in v1, v1beta2, v1beta1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+from .slices import parse_quantity
+
+CREDITS = "credits"
 
 
 def allocation_devices(claim: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -41,3 +46,37 @@ def driver_opaque_configs(
         if isinstance(opaque, Mapping) and opaque.get("driver") == driver:
             found.append((index, entry, opaque))
     return found
+
+
+def quantity_to_credits(value: Any) -> int:
+    """A resource.Quantity (as serialized, e.g. "4", "1k", "2e1") as whole credits.
+
+    Fractions round up, as the scheduler rounds consumed capacity up. The one
+    parser both processes use, so that they never disagree about a claim.
+
+    Raises:
+        ValueError: not a non-negative quantity.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"not a quantity: {value!r}")
+    try:
+        amount = parse_quantity(value)
+    except ValueError:
+        raise ValueError(f"not a quantity: {value!r}") from None
+    if amount < 0:
+        raise ValueError(f"negative quantity: {value!r}")
+    return math.ceil(amount)
+
+
+def result_credits(result: Mapping[str, Any], driver: str) -> int:
+    """Credits one allocation result holds: its consumed `credits` capacity, else 1
+    (a slot-mode device is one exclusive slot).
+
+    Raises:
+        ValueError: the consumed capacity is not a quantity.
+    """
+    consumed = result.get("consumedCapacity") or {}
+    for key in (CREDITS, f"{driver}/{CREDITS}"):
+        if key in consumed:
+            return quantity_to_credits(consumed[key])
+    return 1

@@ -13,7 +13,7 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -21,12 +21,24 @@ import aiohttp
 import anyio
 import orjson
 
-from .errors import ApiError, Gone, Invalid, NotFound, Unauthorized, Unavailable, error_from_status
+from .deep_json import UndecodableJSON, contains_pruned, decode_pruning, decode_strict
+from .errors import (
+    ApiError,
+    Gone,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    Undecodable,
+    error_from_status,
+)
 from .kubeconfig import ClusterConfig, ConfigError, ExecCredential
 from .ratelimit import TokenBucket
 from .resources import RESOURCE_GROUP, Resource, pick_resource_version
 
 log = logging.getLogger(__name__)
+
+# Receives an object (list item or watch event) that could be decoded only in part.
+Quarantine = Callable[[dict[str, Any]], None]
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -189,6 +201,34 @@ class ApiClient:
             headers["Content-Type"] = content_type
         return headers
 
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        what: str,
+    ) -> tuple[int, bytes]:
+        """Send one request; return the status and the raw answer."""
+        await self.limiter.acquire()
+        await self._refresh_credentials()
+        session = self._ensure_session()
+        data = orjson.dumps(body) if body is not None else None
+        try:
+            async with session.request(
+                method,
+                path,
+                params=params,
+                data=data,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Unavailable(0, "Unavailable", f"{type(exc).__name__}: {exc}", what=what) from exc
+
     async def request(
         self,
         method: str,
@@ -203,7 +243,13 @@ class ApiClient:
 
         With an exec credential plugin, a 401 makes it fetch a new credential
         and the request is sent once more.
+
+        Raises:
+            ApiError: the matching subclass for an error status; `Undecodable` when
+                a successful answer is not JSON this client can read (never a
+                made-up body).
         """
+        what = what or _describe(method, path)
         try:
             return await self._request_once(
                 method, path, params=params, body=body, content_type=content_type, what=what
@@ -228,35 +274,11 @@ class ApiClient:
         content_type: str,
         what: str,
     ) -> Any:
-        await self.limiter.acquire()
-        await self._refresh_credentials()
-        session = self._ensure_session()
-        data = orjson.dumps(body) if body is not None else None
         what = what or _describe(method, path)
-        try:
-            async with session.request(
-                method,
-                path,
-                params=params,
-                data=data,
-                headers=self._headers(content_type if data is not None else None),
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise Unavailable(0, "Unavailable", f"{type(exc).__name__}: {exc}", what=what) from exc
-        decoded: Any = None
-        if raw:
-            try:
-                decoded = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                decoded = {"message": raw[:200].decode(errors="replace")}
-        if status >= 400:
-            raise error_from_status(
-                status, decoded if isinstance(decoded, dict) else None, what=what
-            )
-        return decoded
+        status, raw = await self._send(
+            method, path, params=params, body=body, content_type=content_type, what=what
+        )
+        return _decode_answer(status, raw, what)
 
     # --- object verbs -------------------------------------------------------------
 
@@ -279,19 +301,44 @@ class ApiClient:
         label_selector: str | None = None,
         field_selector: str | None = None,
         limit: int = 500,
+        quarantine: Quarantine | None = None,
     ) -> dict[str, Any]:
-        """LIST all objects (following `continue` pages); returns the merged list object."""
+        """LIST all objects (following `continue` pages); returns the merged list object.
+
+        An item nested deeper than orjson reads does not spoil the page: the
+        other items decode whole, and that item, with its deep values pruned
+        (see `controller.deep_json`), goes to `quarantine` instead of `items`.
+
+        Raises:
+            Undecodable: a page is not JSON, or an item is too deep and no
+                `quarantine` was given.
+        """
         params: dict[str, str] = {"limit": str(limit)}
         if label_selector:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
         items: list[dict[str, Any]] = []
+        what = f"list {res.plural}"
         while True:
-            page: dict[str, Any] = await self.request(
-                "GET", res.path(namespace), params=params, what=f"list {res.plural}"
+            status, raw = await self._send(
+                "GET", res.path(namespace), params=params, body=None, content_type=JSON, what=what
             )
-            items.extend(page.get("items") or [])
+            if status >= 400:
+                _decode_answer(status, raw, what)  # raises the matching error
+            try:
+                page, pruned = decode_pruning(raw)
+            except UndecodableJSON as exc:
+                raise Undecodable(status, "Undecodable", str(exc), what=what) from exc
+            if not isinstance(page, dict):
+                raise Undecodable(status, "Undecodable", "the answer is not a list", what=what)
+            for item in page.get("items") or []:
+                if pruned and contains_pruned(item):
+                    if quarantine is None:
+                        raise Undecodable(status, "Undecodable", _too_deep(item), what=what)
+                    quarantine(item)
+                else:
+                    items.append(item)
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 page["items"] = items
@@ -413,6 +460,8 @@ class ApiClient:
         field_selector: str | None = None,
         timeout_seconds: float | None = None,
         allow_bookmarks: bool = True,
+        quarantine: Quarantine | None = None,
+        on_open: Callable[[], None] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream watch events (`{"type", "object"}`) until the server ends the watch.
 
@@ -420,7 +469,10 @@ class ApiClient:
         `watch_timeout`); silence for up to WATCH_READ_GRACE longer than that means
         the connection is dead and raises Unavailable, so the caller re-opens
         it instead of waiting forever. An ERROR event becomes the matching
-        exception (410 -> Gone).
+        exception (410 -> Gone). An event whose object is nested deeper than
+        orjson reads goes, its deep values pruned, to `quarantine` instead
+        (without one it raises `Undecodable`), so that one object cannot stop
+        the stream. `on_open` is called once the server has accepted the watch.
         """
         seconds = max(1, round(self.watch_timeout if timeout_seconds is None else timeout_seconds))
         params = {"watch": "1", "timeoutSeconds": str(seconds)}
@@ -448,19 +500,30 @@ class ApiClient:
                 ),
             ) as resp:
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    body = orjson.loads(raw) if raw.startswith(b"{") else None
                     if resp.status == 401 and self.config.exec_plugin is not None:
                         # The caller re-opens the watch: with a fresh credential.
                         self.config.exec_plugin.invalidate(self.config.exec_plugin.valid())
-                    raise error_from_status(resp.status, body, what=what)
+                    _decode_answer(resp.status, await resp.read(), what)  # raises
+                if on_open is not None:
+                    on_open()
                 buf = b""
                 async for chunk in resp.content.iter_any():
+                    scanned = len(buf)  # a huge event arrives in many chunks
                     buf += chunk
-                    while (nl := buf.find(b"\n")) >= 0:
+                    while (nl := buf.find(b"\n", scanned)) >= 0:
                         line, buf = buf[:nl], buf[nl + 1 :]
-                        if line.strip():
-                            yield _watch_event(line, what)
+                        scanned = 0
+                        if not line.strip():
+                            continue
+                        event, pruned = _watch_event(line, what)
+                        if not pruned:
+                            yield event
+                        elif quarantine is None:
+                            raise Undecodable(
+                                200, "Undecodable", _too_deep(event.get("object")), what=what
+                            )
+                        else:
+                            quarantine(event)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise Unavailable(0, "Unavailable", f"{type(exc).__name__}: {exc}", what=what) from exc
 
@@ -499,13 +562,43 @@ def _nn(namespace: str | None, name: str) -> str:
     return f"{namespace}/{name}" if namespace else name
 
 
-def _watch_event(line: bytes, what: str) -> dict[str, Any]:
+def _too_deep(obj: Any) -> str:
+    meta = (obj.get("metadata") if isinstance(obj, dict) else None) or {}
+    return (
+        f"{_nn(meta.get('namespace'), str(meta.get('name') or '?'))} is nested deeper than "
+        "this client decodes"
+    )
+
+
+def _decode_answer(status: int, raw: bytes, what: str) -> Any:
+    """The decoded answer of a request, or the exception its status or body calls for."""
+    decoded: Any = None
+    problem = ""
+    if raw:
+        try:
+            decoded = decode_strict(raw)
+        except UndecodableJSON as exc:
+            problem = str(exc)
+    if status >= 400:
+        if isinstance(decoded, dict):
+            raise error_from_status(status, decoded, what=what)
+        # Not a Status object (a proxy's HTML page, say): its start, escaped, says more.
+        text = raw[:200].decode(errors="replace")
+        raise error_from_status(status, None, what=what, detail=f"HTTP {status}: {text!r}")
+    if problem:
+        raise Undecodable(status, "Undecodable", problem, what=what)
+    return decoded
+
+
+def _watch_event(line: bytes, what: str) -> tuple[dict[str, Any], int]:
     try:
-        event: dict[str, Any] = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(
-            0, "BadWatchEvent", f"undecodable watch line: {line[:120]!r}", what=what
+        event, pruned = decode_pruning(line)
+    except UndecodableJSON as exc:
+        raise Undecodable(
+            0, "BadWatchEvent", f"undecodable watch line: {line[:120]!r}: {exc}", what=what
         ) from exc
+    if not isinstance(event, dict):
+        raise Undecodable(0, "BadWatchEvent", f"watch line is no event: {line[:120]!r}", what=what)
     if event.get("type") == "ERROR":
         status = event.get("object") or {}
         code = int(status.get("code") or 500)
@@ -514,4 +607,4 @@ def _watch_event(line: bytes, what: str) -> dict[str, Any]:
                 410, str(status.get("reason") or "Expired"), str(status.get("message")), what=what
             )
         raise error_from_status(code, status, what=what)
-    return event
+    return event, pruned

@@ -12,7 +12,10 @@ writes one `status.devices` entry per allocated device of ours:
   result names none, as in slot mode);
 - config invalid: condition `Ready=False` (reason `InvalidConfig`, the
   message names the field) and one Warning Event `InvalidNxConfig` on the
-  claim per allocation (not per retry).
+  claim per allocation (not per retry);
+- config valid but carrying settings without effect here (IBM's driver's
+  `sharing`): `Ready=True` as above, and one Warning Event
+  `IneffectiveNxConfig` per allocation saying what replaces them.
 
 `status.devices` is a map list keyed by driver/pool/device/shareID, so the
 entries are written with server-side apply on the `status` subresource under
@@ -29,7 +32,6 @@ see docs/RBAC-controller.md.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +41,7 @@ import anyio.abc
 import orjson
 
 from .allocation import driver_opaque_configs, driver_results
+from .allocation import result_credits as allocation_result_credits
 from .apiclient import ApiClient
 from .errors import Forbidden, Invalid
 from .events import WARNING, event_name, event_object, fingerprint, record_event
@@ -46,7 +49,6 @@ from .informer import Informer
 from .names import DRIVER_NAME, FIELD_MANAGER
 from .nxconfig import NxConfigError, decode_nx_config
 from .resources import resource_kinds
-from .slices import parse_quantity
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ READY = "Ready"
 REASON_VALID = "ConfigValid"
 REASON_INVALID = "InvalidConfig"
 EVENT_REASON_INVALID = "InvalidNxConfig"
+EVENT_REASON_INEFFECTIVE = "IneffectiveNxConfig"
 EVENT_ACTION = "ValidateConfig"
 SOURCE_FROM_CLASS = "FromClass"
 
@@ -121,16 +124,32 @@ def config_problem(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None
     return None
 
 
-def result_credits(result: Mapping[str, Any]) -> int:
-    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot)."""
-    consumed = result.get("consumedCapacity") or {}
-    for key in (CREDITS, f"{DRIVER}/{CREDITS}"):
-        if key in consumed:
-            try:
-                return math.ceil(parse_quantity(consumed[key]))
-            except (TypeError, ValueError):
-                return 1
-    return 1
+def config_notes(claim: Mapping[str, Any], driver: str = DRIVER) -> str | None:
+    """What of this driver's valid opaque configs has no effect here (IBM's
+    `sharing`), naming each config entry; None when everything takes effect."""
+    notes = []
+    for index, entry, opaque in driver_opaque_configs(claim, driver):
+        try:
+            decoded = decode_nx_config(opaque.get("parameters"))
+        except NxConfigError:
+            continue
+        source = str(entry.get("source") or "") or "unknown source"
+        notes += [
+            f"status.allocation.devices.config[{index}] ({source}): {note}"
+            for note in decoded.notes
+        ]
+    if not notes:
+        return None
+    return f"claim {_label(claim)}: " + "; ".join(notes)
+
+
+def result_credits(result: Mapping[str, Any], driver: str = DRIVER) -> int:
+    """Credits one result consumes: its `credits` consumed capacity, else 1 (one slot).
+
+    Raises:
+        ValueError: an unreadable consumed capacity (the plugin refuses such a claim).
+    """
+    return allocation_result_credits(result, driver)
 
 
 def _time(now: datetime) -> str:
@@ -190,7 +209,15 @@ def desired_entries(
     credits: dict[DeviceKey, int] = {}
     for result in our_results(claim, driver):
         key = device_key(result)
-        credits[key] = credits.get(key, 0) + result_credits(result)
+        try:
+            amount = result_credits(result, driver)
+        except ValueError as exc:
+            # The plugin refuses the claim for this: say so instead of counting 1.
+            amount = 0
+            problem = problem or (
+                f"claim {_label(claim)}: device {key[2]}: unreadable consumedCapacity: {exc}"
+            )
+        credits[key] = credits.get(key, 0) + amount
     entries: list[Obj] = []
     for key, amount in credits.items():
         _, pool, device, share = key
@@ -234,7 +261,13 @@ def allocation_fingerprint(claim: Mapping[str, Any], problem: str) -> str:
     """Identifies one report: the claim, its allocation and the problem found in it."""
     meta = claim.get("metadata") or {}
     allocation = (claim.get("status") or {}).get("allocation") or {}
-    allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        allocated = orjson.dumps(allocation, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        # Parameters nested deeper than orjson writes (255 levels): the results and
+        # the problem found still identify the report.
+        results = (allocation.get("devices") or {}).get("results") or []
+        allocated = orjson.dumps(results, option=orjson.OPT_SORT_KEYS).decode()
     return fingerprint(str(meta.get("uid") or ""), allocated, problem)
 
 
@@ -261,6 +294,7 @@ class ClaimStatusController:
         self.reporting_instance = reporting_instance
         self.workers = workers
         self.informer = Informer(client, self.resource)
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         # claim key -> name of the Event last recorded for it (so retries do not call the API)
@@ -278,7 +312,9 @@ class ClaimStatusController:
         if involves_driver(new, self.driver) or involves_driver(old, self.driver):
             self.queue.add(key)
 
-    async def _report(self, key: str, claim: Obj, problem: str) -> None:
+    async def _report(
+        self, key: str, claim: Obj, problem: str, reason: str = EVENT_REASON_INVALID
+    ) -> None:
         name = event_name(
             str((claim.get("metadata") or {}).get("name") or "claim"),
             allocation_fingerprint(claim, problem),
@@ -288,7 +324,7 @@ class ClaimStatusController:
         regarding = {**claim, "apiVersion": self.resource.api_version, "kind": "ResourceClaim"}
         event = event_object(
             regarding=regarding,
-            reason=EVENT_REASON_INVALID,
+            reason=reason,
             note=problem,
             action=EVENT_ACTION,
             reporting_instance=self.reporting_instance,
@@ -308,6 +344,8 @@ class ClaimStatusController:
         entries, problem = desired_entries(claim, datetime.now(UTC), self.driver)
         if problem:
             await self._report(key, claim, problem)
+        elif notes := config_notes(claim, self.driver):
+            await self._report(key, claim, notes, EVENT_REASON_INEFFECTIVE)
         if not self.device_status_kept or entries_match(
             current_entries(claim, self.driver), entries
         ):
@@ -339,10 +377,13 @@ class ClaimStatusController:
         )
 
     def _status_dropped(self, key: str) -> None:
-        """The server answered the write without our entries: it does not keep them."""
-        self.device_status_kept = False
+        """The server answered the write without our entries: it does not keep them.
+        Said once per process (writes already under way when it is first seen only count)."""
         if self.on_status_dropped is not None:
             self.on_status_dropped()
+        if not self.device_status_kept:
+            return
+        self.device_status_kept = False
         log.warning(
             "the API server dropped status.devices of claim %s: it does not keep claim device "
             "status (Kubernetes 1.32, or the DRAResourceClaimDeviceStatus feature gate off); "

@@ -203,8 +203,17 @@ def load_device_classes(path: str | None, driver: str = DRIVER) -> tuple[Desired
     )
 
 
-def device_class_object(desired: DesiredClass, api_version: str, driver: str = DRIVER) -> Obj:
-    """The DeviceClass to apply (same spec shape in v1, v1beta2 and v1beta1)."""
+def device_class_object(
+    desired: DesiredClass,
+    api_version: str,
+    driver: str = DRIVER,
+    owner_references: Sequence[Mapping[str, Any]] = (),
+) -> Obj:
+    """The DeviceClass to apply (same spec shape in v1, v1beta2 and v1beta1).
+
+    `owner_references` (operator mode: a cluster-scoped object the installer
+    deletes on uninstall) let the garbage collector remove the class with it.
+    """
     ours = driver_selector(driver)
     selectors = [ours, *(s for s in desired.selectors if s != ours)]
     spec: Obj = {"selectors": selectors}
@@ -212,10 +221,13 @@ def device_class_object(desired: DesiredClass, api_version: str, driver: str = D
         spec["config"] = [dict(c) for c in desired.config]
     if desired.extended_resource_name:
         spec["extendedResourceName"] = desired.extended_resource_name
+    metadata: Obj = {"name": desired.name, "labels": dict(CLASS_LABELS)}
+    if owner_references:
+        metadata["ownerReferences"] = [dict(o) for o in owner_references]
     return {
         "apiVersion": f"resource.k8s.io/{api_version}",
         "kind": "DeviceClass",
-        "metadata": {"name": desired.name, "labels": dict(CLASS_LABELS)},
+        "metadata": metadata,
         "spec": spec,
     }
 
@@ -225,6 +237,8 @@ def class_is_current(actual: Mapping[str, Any] | None, desired: Mapping[str, Any
     if actual is None:
         return False
     wanted = {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}
+    if "ownerReferences" in desired["metadata"]:
+        wanted["metadata"]["ownerReferences"] = desired["metadata"]["ownerReferences"]
     return covers(actual, wanted)
 
 
@@ -240,14 +254,17 @@ class DeviceClassController:
         desired: Sequence[DesiredClass],
         *,
         driver: str = DRIVER,
+        owner_references: Sequence[Mapping[str, Any]] = (),
         on_result: Callable[[str, BaseException | None, float], None] | None = None,
     ) -> None:
         self.client = client
+        self.owner_references = tuple(owner_references)
         self.api_version = api_version
         self.resource = resource_kinds(api_version)["DeviceClass"]
         self.driver = driver
         self.desired = {d.name: d for d in desired}
         self.informer = Informer(client, self.resource, label_selector=OURS_SELECTOR)
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         self.informer.add_handler(lambda key, _old, _new: self.queue.add(key))
@@ -257,7 +274,7 @@ class DeviceClassController:
         actual = self.informer.get(name)
         desired = self.desired.get(name)
         if desired is not None:
-            obj = device_class_object(desired, self.api_version, self.driver)
+            obj = device_class_object(desired, self.api_version, self.driver, self.owner_references)
             if class_is_current(actual, obj):
                 return
             await self.client.apply(self.resource, obj, field_manager=FIELD_MANAGER)

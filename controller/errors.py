@@ -60,6 +60,11 @@ class Invalid(ApiError):
     """The server rejected the object as invalid (422) or the request as bad (400)."""
 
 
+class Undecodable(ApiError):
+    """The server answered, but its JSON cannot be decoded here (nested deeper than
+    orjson reads, or not JSON); asking again gets the same answer."""
+
+
 class Gone(ApiError):
     """The resourceVersion is too old (410): list again."""
 
@@ -72,10 +77,15 @@ class Unavailable(ApiError):
         return True
 
 
-def error_from_status(status: int, body: Mapping[str, Any] | None, *, what: str = "") -> ApiError:
-    """Map an HTTP status and its `Status` body to the matching exception."""
+def error_from_status(
+    status: int, body: Mapping[str, Any] | None, *, what: str = "", detail: str = ""
+) -> ApiError:
+    """Map an HTTP status and its `Status` body to the matching exception.
+
+    `detail` is the message when there is no Status body (say, a proxy's page).
+    """
     reason = str((body or {}).get("reason") or "")
-    message = str((body or {}).get("message") or "")
+    message = str((body or {}).get("message") or detail)
     cls: type[ApiError]
     if status == 404:
         cls = NotFound

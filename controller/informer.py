@@ -6,6 +6,16 @@ re-lists on 410 Gone, and reconnects with jittered backoff on errors. Every
 change is handed to the registered handlers as (key, old, new); handlers map
 that to work-queue keys. Relists diff against the cache so that nothing is
 lost or announced twice.
+
+An object the client can decode only in part (nested deeper than orjson
+reads: any tenant can create such a claim) is quarantined: logged once per
+version, counted, its key kept in `quarantined`, and the stream moves on
+past it. Its last readable version, if any, stays in the cache; nothing
+else in the cache is touched.
+
+`healthy()` says whether the cache is current: false from the moment list or
+watch keeps failing for longer than `stall_after` seconds, so /readyz can
+tell the truth about a wedged stream.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import anyio
 from .apiclient import WATCH_READ_GRACE, ApiClient
 from .errors import ApiError, Gone
 from .resources import Resource, object_key
+
+# How long list/watch may keep failing before the informer says it is not healthy.
+DEFAULT_STALL_AFTER = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +116,7 @@ class Informer:
         field_selector: str | None = None,
         watch_timeout: float | None = None,
         max_backoff: float = 30.0,
+        stall_after: float = DEFAULT_STALL_AFTER,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -113,11 +127,20 @@ class Informer:
         self.max_backoff = max_backoff
         self.cache: dict[str, Obj] = {}
         self.resource_version: str | None = None
+        self.stall_after = stall_after
         self.synced = anyio.Event()
         self.relists = 0
         # When the loop last moved (an event, a list, a watch ended or failed):
         # a loop stuck on a dead connection stops moving (liveness).
         self.last_progress = time.monotonic()
+        # key -> resourceVersion of objects seen but not decodable whole
+        self.quarantined: dict[str, str] = {}
+        self.quarantined_total = 0
+        # monotonic time list/watch started failing (None while working), last error
+        self.failing_since: float | None = None
+        self.last_error = ""
+        self._open_quiet = False  # the current watch was accepted and delivered nothing yet
+        self._failed_after_open = False
         self._handlers: list[Handler] = []
 
     def liveness_problem(self) -> str:
@@ -148,6 +171,63 @@ class Informer:
         """All cached objects."""
         return list(self.cache.values())
 
+    def healthy(self, now: float | None = None) -> bool:
+        """False while list/watch has been failing for longer than `stall_after`."""
+        if self.failing_since is None:
+            return True
+        return (time.monotonic() if now is None else now) - self.failing_since <= self.stall_after
+
+    def problem(self) -> str:
+        """Why the informer is not healthy ("" when it is)."""
+        if self.healthy():
+            return ""
+        assert self.failing_since is not None
+        return (
+            f"{self.resource.plural}: list/watch failing for "
+            f"{time.monotonic() - self.failing_since:.0f}s: {self.last_error}"
+        )
+
+    def _quarantine(self, obj: Obj) -> None:
+        key = object_key(obj)
+        rv = _rv(obj) or ""
+        if self.quarantined.get(key) == rv:
+            return
+        self.quarantined[key] = rv
+        self.quarantined_total += 1
+        log.warning(
+            "skipping an object nested too deep to decode; its last readable version "
+            "(if any) stays in the cache",
+            extra={"resource": self.resource.plural, "key": key, "resourceVersion": rv},
+        )
+
+    def _working(self) -> None:
+        self.failing_since = None
+        self._failed_after_open = False
+
+    def _opened(self) -> None:
+        # An accepted watch counts as working, unless the last one failed after it was
+        # accepted without delivering anything: that stream is stuck on one event.
+        self._open_quiet = True
+        if not self._failed_after_open:
+            self.failing_since = None
+
+    def _quarantine_event(self, event: Obj) -> None:
+        self._working()  # the stream moves on
+        self._open_quiet = False
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            return
+        rv = _rv(obj)
+        if rv:
+            self.resource_version = rv  # never ask for this event again
+        if event.get("type") == "DELETED":
+            self.quarantined.pop(object_key(obj), None)
+            change = apply_watch_event(self.cache, event)
+            if change is not None:
+                self._emit(change)
+            return
+        self._quarantine(obj)
+
     def _emit(self, change: Change) -> None:
         for handler in self._handlers:
             try:
@@ -157,15 +237,27 @@ class Informer:
 
     async def relist(self) -> None:
         """List everything and diff it into the cache."""
+        skipped: list[Obj] = []
         listing = await self.client.list(
             self.resource,
             self.namespace,
             label_selector=self.label_selector,
             field_selector=self.field_selector,
+            quarantine=skipped.append,
         )
         self.relists += 1
         self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
-        for change in diff_relist(self.cache, listing.get("items") or []):
+        items: list[Obj] = listing.get("items") or []
+        seen = {object_key(o) for o in items}
+        for obj in skipped:
+            key = object_key(obj)
+            seen.add(key)
+            self._quarantine(obj)
+            if key in self.cache:
+                items.append(self.cache[key])  # keep the last readable version
+        for key in [k for k in self.quarantined if k not in seen]:
+            del self.quarantined[key]
+        for change in diff_relist(self.cache, items):
             self._emit(change)
         self.synced.set()
 
@@ -177,10 +269,16 @@ class Informer:
             label_selector=self.label_selector,
             field_selector=self.field_selector,
             timeout_seconds=self.watch_timeout,
+            quarantine=self._quarantine_event,
+            on_open=self._opened,
         ):
             self.last_progress = time.monotonic()
+            self._working()
+            self._open_quiet = False
             obj = event.get("object") or {}
             rv = (obj.get("metadata") or {}).get("resourceVersion")
+            if event.get("type") in ("ADDED", "MODIFIED") and isinstance(obj, dict):
+                self.quarantined.pop(object_key(obj), None)
             change = apply_watch_event(self.cache, event)
             if rv:
                 self.resource_version = str(rv)
@@ -197,7 +295,10 @@ class Informer:
                 if need_list:
                     await self.relist()
                     need_list = False
+                    self._working()
+                self._open_quiet = False
                 await self._watch_once()
+                self._working()
                 failures = 0  # the server closed a healthy watch: resume from our RV
             except Gone:
                 log.info("watch expired, re-listing", extra={"resource": self.resource.plural})
@@ -205,6 +306,10 @@ class Informer:
                 failures = 0
             except ApiError as exc:
                 failures += 1
+                self._failed_after_open = self._open_quiet
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.last_error = str(exc)
                 delay = min(self.max_backoff, 0.2 * 2 ** min(failures, 8)) * (0.5 + random.random())
                 log.warning(
                     "watch failed, reconnecting",

@@ -18,9 +18,9 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -29,10 +29,10 @@ from .apiclient import ApiClient
 from .claim_status import ClaimStatusController
 from .config import ConfigFileError
 from .deviceclasses import DesiredClass, DeviceClassController, load_device_classes
-from .errors import ApiError, Unauthorized
+from .errors import ApiError, NotFound, Unauthorized
 from .flags import add_bool_flag, add_common_flags, add_flag, parse_duration
 from .http_server import parse_bind_address, serve_http
-from .informer import Informer
+from .informer import DEFAULT_STALL_AFTER, Informer
 from .kubeconfig import ClusterConfig, ConfigError, load_cluster_config
 from .leader import LeaderElector, make_identity
 from .logs import setup_logging
@@ -42,6 +42,7 @@ from .operator import (
     PluginDaemonSetController,
     load_plugin_daemonset_config,
 )
+from .resources import CLUSTERROLES, DEPLOYMENTS, Resource
 from .slice_gc import DEFAULT_ORPHAN_GRACE, SliceGC
 from .workqueue import WorkQueue
 
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         16,
         "claims checked concurrently",
         type=int,
+    )
+    add_flag(
+        parser,
+        "--watch-stall-timeout",
+        "WATCH_STALL_TIMEOUT",
+        f"{DEFAULT_STALL_AFTER:g}s",
+        "how long a resource's list/watch may keep failing before /readyz fails",
+        type=parse_duration,
     )
     add_bool_flag(
         parser, "--leader-elect", "LEADER_ELECT", False, "run the controllers only while leader"
@@ -154,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--owner-deployment",
+        "OWNER_DEPLOYMENT",
+        None,
+        "operator mode: the Deployment in --namespace (the controller's own) that owns the "
+        "plugin DaemonSet, so that uninstalling the operator removes it",
+    )
+    add_flag(
+        parser,
+        "--owner-cluster-role",
+        "OWNER_CLUSTER_ROLE",
+        None,
+        "operator mode: a ClusterRole the installer deletes on uninstall that owns the "
+        "DeviceClasses, so that they go with it",
+    )
+    add_flag(
+        parser,
         "--metrics-bind-address",
         "METRICS_BIND_ADDRESS",
         ":8080",
@@ -196,6 +221,9 @@ class _Controller(Protocol):
     name: str
     queue: WorkQueue
 
+    @property
+    def informers(self) -> Sequence[Informer]: ...
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
 
 
@@ -210,12 +238,24 @@ class RunState:
     controllers: list[_Controller] = field(default_factory=list)
 
     def ready(self) -> bool:
-        """Ready when connected; a leader also needs its caches synced."""
+        """Ready when connected; a leader also needs its caches synced and current."""
+        return not self.not_ready_reason()
+
+    def not_ready_reason(self) -> str:
+        """Why /readyz fails ("" when ready): what a human needs to look at."""
         if not self.connected:
-            return False
+            return "not connected to the API server yet"
         if self.leader_elect and not self.leading:
-            return True  # a standby is ready to take over
-        return self.synced
+            return ""  # a standby is ready to take over
+        if not self.synced:
+            return "caches not synced yet"
+        stalled = [
+            f"{c.name}: {i.problem()}"
+            for c in list(self.controllers)
+            for i in c.informers
+            if not i.healthy()
+        ]
+        return "; ".join(stalled)
 
     def liveness_problems(self) -> list[str]:
         """What looks stuck: an informer loop that stopped moving, or a reconcile
@@ -257,6 +297,32 @@ def _on_result(
     return on_result
 
 
+def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to `obj` (no blockOwnerDeletion: that needs rights on the owner)."""
+    meta = obj.get("metadata") or {}
+    return {
+        "apiVersion": str(obj.get("apiVersion")),
+        "kind": str(obj.get("kind")),
+        "name": str(meta.get("name")),
+        "uid": str(meta.get("uid")),
+    }
+
+
+async def _owner(
+    client: ApiClient, res: Resource, name: str | None, namespace: str | None
+) -> list[dict[str, Any]]:
+    if not name:
+        return []
+    try:
+        obj = await client.get(res, name, namespace)
+    except NotFound as exc:
+        raise LookupError(
+            f"owner {res.kind} {name}{f' in namespace {namespace}' if namespace else ''} "
+            "does not exist: check --owner-deployment / --owner-cluster-role"
+        ) from exc
+    return [owner_reference({**obj, "apiVersion": res.api_version, "kind": res.kind})]
+
+
 async def run_controllers(
     client: ApiClient,
     settings: Settings,
@@ -267,11 +333,13 @@ async def run_controllers(
     """Run every enabled controller until cancelled."""
     args = settings.args
     version = await client.resource_api_version()
+    class_owner = await _owner(client, CLUSTERROLES, args.owner_cluster_role, None)
     controllers: list[_Controller] = [
         DeviceClassController(
             client,
             version,
             settings.classes,
+            owner_references=class_owner,
             on_result=_on_result(metrics, DeviceClassController.name),
         ),
         SliceGC(
@@ -295,9 +363,15 @@ async def run_controllers(
                 client,
                 args.namespace,
                 settings.plugin_daemonset,
+                owner_references=await _owner(
+                    client, DEPLOYMENTS, args.owner_deployment, args.namespace
+                ),
                 on_result=_on_result(metrics, PluginDaemonSetController.name),
             )
         )
+    for controller in controllers:
+        for informer in controller.informers:
+            informer.stall_after = args.watch_stall_timeout
     state.controllers = controllers
     try:
         async with anyio.create_task_group() as tg:
@@ -373,6 +447,14 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
     def collect() -> None:
         for controller in list(state.controllers):
             metrics.queue_depth.set(controller.queue.depth, controller=controller.name)
+            for informer in controller.informers:
+                metrics.observe_informer(
+                    controller.name,
+                    informer.resource.plural,
+                    quarantined=len(informer.quarantined),
+                    total=informer.quarantined_total,
+                    healthy=informer.healthy(),
+                )
 
     registry.on_collect(collect)
 
@@ -397,6 +479,7 @@ async def run(settings: Settings, cluster: ClusterConfig) -> None:
                 registry,
                 state.ready,
                 state.healthy,
+                not_ready_reason=state.not_ready_reason,
                 unhealthy_reason=state.unhealthy_reason,
             )
         )
@@ -445,6 +528,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
     if args.orphan_grace < 0:
         parser.error("--orphan-grace must not be negative")
+    if args.watch_stall_timeout <= 0:
+        parser.error("--watch-stall-timeout must be positive")
     if args.claim_workers < 1:
         parser.error("--claim-workers must be at least 1")
 

@@ -292,6 +292,35 @@ class ReconcileMetrics:
             ("controller",),
         )
 
+        self.quarantined = registry.gauge(
+            f"{prefix}_informer_quarantined_objects",
+            "Objects skipped because they cannot be decoded whole (nested too deep), "
+            "by controller and resource.",
+            ("controller", "resource"),
+        )
+        self.quarantined_total = registry.counter(
+            f"{prefix}_informer_quarantined_objects_total",
+            "Object versions skipped because they cannot be decoded whole, "
+            "by controller and resource.",
+            ("controller", "resource"),
+        )
+        self.informer_healthy = registry.gauge(
+            f"{prefix}_informer_healthy",
+            "1 while the resource's list/watch works (or failed for less than its stall "
+            "limit), else 0; by controller and resource.",
+            ("controller", "resource"),
+        )
+
+    def observe_informer(
+        self, controller: str, resource: str, *, quarantined: int, total: int, healthy: bool
+    ) -> None:
+        """Copy one informer's counts into the metrics (called on each scrape)."""
+        labels = {"controller": controller, "resource": resource}
+        self.quarantined.set(quarantined, **labels)
+        seen = self.quarantined_total.value(**labels)
+        self.quarantined_total.inc(max(0.0, total - seen), **labels)
+        self.informer_healthy.set(1 if healthy else 0, **labels)
+
     def observe(self, controller: str, error: BaseException | None, seconds: float) -> None:
         """Record one finished reconcile."""
         self.total.inc(controller=controller)

@@ -13,6 +13,17 @@ Each field becomes one `NX_GZIP_*` environment variable in the container
 `lib/nx_zlib.c`). The decoder rejects anything it does not understand, naming
 the field, so a typo fails the claim with a clear message instead of being
 silently ignored by libnxz.
+
+IBM's Go driver, which this one replaces, took its own NxConfig:
+
+    apiVersion: device.power.ibm.com/v1alpha1
+    kind: NxConfig
+    sharing: {strategy: TimeSlicing, timeSlicingConfig: {interval: Long}}
+
+Claims and templates written for it keep working: the decoder accepts that
+apiVersion with exactly IBM's schema (checked as strictly as IBM's decoder
+did), and returns a note saying that `sharing` has no effect here, where
+NX-gzip is shared by credits. None of it reaches the container.
 """
 
 from __future__ import annotations
@@ -26,6 +37,10 @@ import orjson
 
 API_VERSION = "nx.device.power.ibm.com/v1alpha1"
 KIND = "NxConfig"
+# IBM's driver's NxConfig (group device.power.ibm.com): accepted, without effect.
+IBM_API_VERSION = "device.power.ibm.com/v1alpha1"
+IBM_SHARING_STRATEGIES = ("TimeSlicing", "SpacePartitioning")
+IBM_TIME_SLICE_INTERVALS = ("Default", "Short", "Medium", "Long")
 
 # libnxz logs to /tmp/nx.log by default, which fails on a read-only root
 # filesystem; stderr always works and ends up in the container log.
@@ -75,6 +90,8 @@ class NxConfig:
     strategy: str | None = None
     mlock_csb: bool | None = None
     timeout_pgfaults: int | None = None
+    # Settings accepted without effect (IBM's `sharing`), one message each.
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 def _show(value: Any) -> str:
@@ -312,17 +329,31 @@ def decode_nx_config(obj: Any, *, path: str = "parameters") -> NxConfig:
     """
     if not isinstance(obj, Mapping):
         raise NxConfigError(f"{path}: must be an object, got {_show(obj)}")
-    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
-        if key not in obj:
-            raise NxConfigError(f'{path}.{key}: required, must be "{expected}"')
-        if obj[key] != expected:
-            raise NxConfigError(f'{path}.{key}: must be "{expected}", got {_show(obj[key])}')
+    if "apiVersion" not in obj:
+        raise NxConfigError(f'{path}.apiVersion: required, must be "{API_VERSION}"')
+    if obj["apiVersion"] not in (API_VERSION, IBM_API_VERSION):
+        raise NxConfigError(
+            f'{path}.apiVersion: must be "{API_VERSION}", got {_show(obj["apiVersion"])} '
+            f'("{IBM_API_VERSION}", the NxConfig of IBM\'s earlier driver, is accepted too)'
+        )
+    if "kind" not in obj:
+        raise NxConfigError(f'{path}.kind: required, must be "{KIND}"')
+    if obj["kind"] != KIND:
+        raise NxConfigError(f'{path}.kind: must be "{KIND}", got {_show(obj["kind"])}')
+    if obj["apiVersion"] == IBM_API_VERSION:
+        return _decode_ibm_nx_config(obj, path)
     values: dict[str, Any] = {}
     for key, value in obj.items():
         if key in _HEADER_FIELDS:
             continue
         spec = _FIELDS_BY_NAME.get(key)
         if spec is None:
+            if key == "sharing":
+                raise NxConfigError(
+                    f'{path}.sharing: not a field of "{API_VERSION}" NxConfig; it belongs to '
+                    f'IBM\'s "{IBM_API_VERSION}" NxConfig and has no effect with this driver, '
+                    "which shares NX-gzip by credits: remove it"
+                )
             raise NxConfigError(f"{path}.{key}: {_unknown_field_hint(key)}")
         values[spec.attr] = spec.decode(value, f"{path}.{key}")
     if "type_selector" in values:
@@ -334,6 +365,66 @@ def decode_nx_config(obj: Any, *, path: str = "parameters") -> NxConfig:
                     "(libnxz ignores compMode and decMode when typeSelector is set)"
                 )
     return NxConfig(**values)
+
+
+def _check_keys(obj: Mapping[str, Any], path: str, allowed: Sequence[str], what: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            known = ", ".join(allowed)
+            raise NxConfigError(f"{path}.{key}: unknown field of {what} (known: {known})")
+
+
+def _decode_ibm_nx_config(obj: Mapping[str, Any], path: str) -> NxConfig:
+    """IBM's NxConfig: validated as its driver did, then noted as without effect."""
+    what = f"IBM's {IBM_API_VERSION} NxConfig"
+    _check_keys(obj, path, (*_HEADER_FIELDS, "sharing"), what)
+    sharing = obj.get("sharing")
+    if sharing is None:  # IBM's driver defaulted it; nothing was asked for
+        return NxConfig()
+    where = f"{path}.sharing"
+    if not isinstance(sharing, Mapping):
+        raise NxConfigError(f"{where}: must be an object, got {_show(sharing)}")
+    _check_keys(sharing, where, ("strategy", "timeSlicingConfig", "spacePartitioningConfig"), what)
+    strategy = sharing.get("strategy")
+    if strategy not in IBM_SHARING_STRATEGIES:
+        allowed = ", ".join(f'"{s}"' for s in IBM_SHARING_STRATEGIES)
+        raise NxConfigError(f"{where}.strategy: must be one of {allowed}, got {_show(strategy)}")
+    own, other = (
+        ("timeSlicingConfig", "spacePartitioningConfig")
+        if strategy == "TimeSlicing"
+        else ("spacePartitioningConfig", "timeSlicingConfig")
+    )
+    if sharing.get(other) is not None:
+        raise NxConfigError(f'{where}.{other}: cannot be used with strategy "{strategy}"')
+    settings = sharing.get(own)
+    detail = ""
+    if settings is not None:
+        if not isinstance(settings, Mapping):
+            raise NxConfigError(f"{where}.{own}: must be an object, got {_show(settings)}")
+        if own == "timeSlicingConfig":
+            _check_keys(settings, f"{where}.{own}", ("interval",), what)
+            interval = settings.get("interval", "Default")
+            if interval not in IBM_TIME_SLICE_INTERVALS:
+                allowed = ", ".join(f'"{i}"' for i in IBM_TIME_SLICE_INTERVALS)
+                raise NxConfigError(
+                    f"{where}.{own}.interval: must be one of {allowed}, got {_show(interval)}"
+                )
+            detail = f", interval {interval}"
+        else:
+            _check_keys(settings, f"{where}.{own}", ("partitionCount",), what)
+            count = settings.get("partitionCount", 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise NxConfigError(
+                    f"{where}.{own}.partitionCount: must be an integer >= 0, got {_show(count)}"
+                )
+            detail = f", {count} partitions"
+    note = (
+        f"{where} ({strategy}{detail}) has no effect with this driver: NX-gzip is shared by "
+        "credits (one per claim by default; ask for more with a capacity request, "
+        "`capacity: {requests: {credits: N}}`), not by time slices or partitions; "
+        f"remove sharing, or use apiVersion {API_VERSION} for libnxz settings"
+    )
+    return NxConfig(notes=(note,))
 
 
 def _unknown_field_hint(key: Any) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,8 +267,15 @@ def _plugin_env(config: PluginDaemonSetConfig) -> list[Obj]:
     return env
 
 
-def plugin_daemonset(config: PluginDaemonSetConfig, namespace: str) -> Obj:
+def plugin_daemonset(
+    config: PluginDaemonSetConfig,
+    namespace: str,
+    owner_references: Sequence[Mapping[str, Any]] = (),
+) -> Obj:
     """The kubelet plugin DaemonSet to apply in `namespace`. No I/O.
+
+    `owner_references` (the controller's Deployment) let the garbage collector
+    remove the DaemonSet when the operator is uninstalled.
 
     The kubelet directories are mounted at their host paths (the plugin hands
     socket paths to the kubelet), sysfs read-only at /host-sys, /dev
@@ -310,8 +317,19 @@ def plugin_daemonset(config: PluginDaemonSetConfig, namespace: str) -> Obj:
             },
             {"name": "plugins", "mountPath": config.kubelet_plugins_directory_path},
             {"name": "cdi", "mountPath": config.cdi_root},
-            {"name": "host-sys", "mountPath": SYSFS_MOUNT, "readOnly": True},
-            {"name": "host-dev", "mountPath": f"{HOST_DEV_ROOT}/dev", "readOnly": True},
+            # Read-only all the way down (submounts too), where the node supports it.
+            {
+                "name": "host-sys",
+                "mountPath": SYSFS_MOUNT,
+                "readOnly": True,
+                "recursiveReadOnly": "IfPossible",
+            },
+            {
+                "name": "host-dev",
+                "mountPath": f"{HOST_DEV_ROOT}/dev",
+                "readOnly": True,
+                "recursiveReadOnly": "IfPossible",
+            },
         ],
     }
     pod_spec: Obj = {
@@ -332,14 +350,13 @@ def plugin_daemonset(config: PluginDaemonSetConfig, namespace: str) -> Obj:
         pod_spec["priorityClassName"] = config.priority_class_name
     if config.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    metadata: Obj = {"name": config.name, "namespace": namespace, "labels": dict(DAEMONSET_LABELS)}
+    if owner_references:
+        metadata["ownerReferences"] = [dict(o) for o in owner_references]
     return {
         "apiVersion": DAEMONSETS.api_version,
         "kind": DAEMONSETS.kind,
-        "metadata": {
-            "name": config.name,
-            "namespace": namespace,
-            "labels": dict(DAEMONSET_LABELS),
-        },
+        "metadata": metadata,
         "spec": {
             "selector": {"matchLabels": dict(SELECTOR_LABELS)},
             "updateStrategy": {
@@ -366,16 +383,18 @@ class PluginDaemonSetController:
         namespace: str,
         config: PluginDaemonSetConfig,
         *,
+        owner_references: Sequence[Mapping[str, Any]] = (),
         on_result: Callable[[str, BaseException | None, float], None] | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.config = config
-        self.desired = plugin_daemonset(config, namespace)
+        self.desired = plugin_daemonset(config, namespace, owner_references)
         self.key = f"{namespace}/{config.name}"
         self.informer = Informer(
             client, DAEMONSETS, namespace=namespace, label_selector=OURS_SELECTOR
         )
+        self.informers = (self.informer,)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         self.informer.add_handler(lambda key, _old, _new: self.queue.add(key))

@@ -5,9 +5,12 @@ A node's kubelet plugin publishes the node's slices and makes the Node their
 owner, so the garbage collector normally removes them with the node. This
 controller covers what that misses: slices written without an owner (an
 older plugin, a failed owner lookup), and nodes deleted and re-created
-under the same name. A slice belongs to `spec.nodeName`, or, for slices
-without one, to the node its pool is named after (the plugin names pools
-after nodes).
+under the same name: a slice whose Node owner has another UID than the node
+of that name now belongs to the old node. (A slice without an owner cannot
+tell the two nodes apart; it stays while a node of its name exists, and
+the plugin on that node adopts it.) A slice belongs to `spec.nodeName`, or,
+for slices without one, to the node its pool is named after (the plugin
+names pools after nodes).
 
 A slice is deleted only after its node has been missing for the whole
 grace period (`--orphan-grace`), is checked once more against the API at
@@ -53,10 +56,28 @@ def slice_node(slice_obj: Mapping[str, Any]) -> str | None:
     return pool if isinstance(pool, str) and pool else None
 
 
+def owner_node_uid(slice_obj: Mapping[str, Any]) -> str | None:
+    """The UID of the slice's Node owner, if it has one."""
+    for ref in (slice_obj.get("metadata") or {}).get("ownerReferences") or []:
+        if isinstance(ref, Mapping) and ref.get("kind") == "Node" and ref.get("uid"):
+            return str(ref["uid"])
+    return None
+
+
+def belongs_to(slice_obj: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """Whether the slice belongs to this very Node object (not an earlier one of its name)."""
+    owner = owner_node_uid(slice_obj)
+    return owner is None or owner == (node.get("metadata") or {}).get("uid")
+
+
 def is_orphan(slice_obj: Mapping[str, Any], live_nodes: Mapping[str, Any]) -> bool:
-    """Whether the slice names a node that does not exist (per `live_nodes`, keyed by name)."""
+    """Whether the slice's node is gone (per `live_nodes`, keyed by name): no node of
+    that name, or one re-created since (another UID than the slice's Node owner)."""
     node = slice_node(slice_obj)
-    return node is not None and node not in live_nodes
+    if node is None:
+        return False
+    live = live_nodes.get(node)
+    return live is None or not belongs_to(slice_obj, live)
 
 
 class SliceGC:
@@ -79,6 +100,7 @@ class SliceGC:
         self.resource = resource_kinds(api_version)["ResourceSlice"]
         self.nodes = Informer(client, NODES)
         self.slices = Informer(client, self.resource, field_selector=f"spec.driver={driver}")
+        self.informers = (self.nodes, self.slices)
         self.queue = WorkQueue(self.name)
         self.on_result = on_result
         # slice name -> (its UID, monotonic time its node was first seen missing)
@@ -88,7 +110,7 @@ class SliceGC:
 
     def _node_changed(self, node: str, old: Obj | None, new: Obj | None) -> None:
         if old is not None and new is not None:
-            return  # an update does not change whether the node exists
+            return  # an update does not change whether the node exists (or its UID)
         for obj in self.slices.items():
             if slice_node(obj) == node:
                 self.queue.add(str((obj.get("metadata") or {}).get("name", "")))
@@ -120,12 +142,13 @@ class SliceGC:
             return
         # The deadline: ask the API itself, the node cache may lag behind.
         try:
-            await self.client.get(NODES, str(node))
+            current = await self.client.get(NODES, str(node))
         except NotFound:
             pass
         else:
-            self._missing_since.pop(name, None)
-            return
+            if belongs_to(obj, current):
+                self._missing_since.pop(name, None)
+                return
         await self.client.delete(self.resource, name, uid=uid or None)
         self._missing_since.pop(name, None)
         log.info("deleted orphaned ResourceSlice", extra={"resourceSlice": name, "node": node})

@@ -34,6 +34,9 @@ version="$(awk '/^require k8s.io\/kubernetes /{print $3}' "$mod/go.mod")"
 cache="${POWER_DRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/power-dra-driver}"
 out="${K8S_BIN_DIR:-$cache/k8s/$version/bin}"
 mkdir -p "$out"
+# One build per release at a time (parallel test runs would race on the same files).
+exec 9>"$out/.lock"
+flock 9
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 cd "$mod"

@@ -35,8 +35,21 @@ import anyio
 import orjson
 
 from controller.atomic_write import atomic_write_bytes, fsync_directory
-from kubeletplugin.cdi import list_claim_specs, prepared_claim_from_spec
-from kubeletplugin.claims import PreparedClaim
+from kubeletplugin.cdi import SPEC_FILE_PREFIX, list_claim_specs, prepared_claim_from_spec
+from kubeletplugin.claims import PreparedClaim, PreparedDevice
+from kubeletplugin.ibm_state import (
+    ADOPTED_CLAIM_CREDITS,
+    IBM_COMMON_SPEC_FILE,
+    IBM_DEVICE_NAME,
+    IBM_SPEC_SUFFIX,
+    IbmCheckpointError,
+    credits_outside_our_slice,
+    decode_ibm_checkpoint,
+    ibm_cdi_device_ids,
+    ibm_claim_spec_uids,
+    looks_like_ibm_checkpoint,
+    uses_ibm_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +157,9 @@ def load_checkpoint(
       written back: the next `save_checkpoint` records the recovered claims.
     - Written in an earlier boot: the claims are kept, since the kubelet
       prepares its pods' claims again after a reboot; noted as a problem.
+    - Written by IBM's Go driver (same path, its own format): its claims are
+      adopted (see `ibm_state`), noted as a problem so that the caller writes
+      them in our format; a damaged one is recovered like ours.
     """
     try:
         data = path.read_bytes()
@@ -151,6 +167,8 @@ def load_checkpoint(
         return LoadedCheckpoint({}, [])
     except OSError as exc:
         return _recover(path, cdi_root, f"cannot read it: {exc}")
+    if _is_ibm_checkpoint(data):
+        return _adopt_ibm_checkpoint(path, cdi_root, data)
     try:
         saved_boot_id, claims = decode_checkpoint(data)
     except (ValueError, TypeError) as exc:  # CheckpointError, and anything unforeseen
@@ -165,6 +183,39 @@ def load_checkpoint(
         log.warning("%s", note)
         return LoadedCheckpoint(claims, [note])
     return LoadedCheckpoint(claims, [])
+
+
+def _is_ibm_checkpoint(data: bytes) -> bool:
+    try:
+        return looks_like_ibm_checkpoint(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _adopt_ibm_checkpoint(path: Path, cdi_root: Path, data: bytes) -> LoadedCheckpoint:
+    try:
+        claims = decode_ibm_checkpoint(data)
+    except IbmCheckpointError as exc:
+        return _recover(path, cdi_root, f"written by IBM's driver, but {exc}")
+    note = (
+        f"checkpoint {path} was written by IBM's driver: adopted its {len(claims)} prepared "
+        f"claims ({', '.join(sorted(claims)) or 'none'}); their pods keep IBM's CDI specs "
+        "until the kubelet unprepares them"
+    )
+    log.warning("%s", note)
+    return LoadedCheckpoint(claims, [note])
+
+
+def _recovered_ibm_claim(uid: str) -> PreparedClaim:
+    # IBM's spec file names the claim and nothing else: pool and request names are lost.
+    device = PreparedDevice(
+        request_names=(),
+        pool_name="",
+        device_name=IBM_DEVICE_NAME,
+        cdi_device_ids=ibm_cdi_device_ids(uid),
+        credits=ADOPTED_CLAIM_CREDITS,
+    )
+    return PreparedClaim(uid=uid, namespace="", name="", devices=(device,))
 
 
 def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
@@ -189,6 +240,17 @@ def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
             problems.append(f"CDI spec of claim {uid} cannot be recovered: {exc}")
             continue
         claims[uid] = claim
+    # Claims adopted from IBM's driver have no spec of ours, but IBM's spec names them.
+    try:
+        ibm_uids = ibm_claim_spec_uids(cdi_root)
+    except OSError as exc:
+        ibm_uids = set()
+        problems.append(f"cannot list IBM's CDI specs in {cdi_root}: {exc}")
+    for uid in sorted(ibm_uids - set(claims)):
+        try:
+            claims[uid] = _recovered_ibm_claim(uid)
+        except ValueError as exc:
+            problems.append(f"IBM's CDI spec of claim {uid} cannot be recovered: {exc}")
     message = (
         f"checkpoint {path} is unusable ({reason}); moved to {moved}; rebuilt "
         f"{len(claims)} claims from the CDI specs in {cdi_root}"
@@ -331,3 +393,53 @@ class StateLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def describe_state(path: Path, cdi_root: Path) -> dict[str, Any]:
+    """What the state file and CDI directory hold, for `inspect`; reads only, never raises.
+
+    Says whose state file it is (ours, IBM's driver's, none, or unusable), the
+    prepared claims (marking those adopted from IBM's driver), and which of
+    IBM's files are still on the node: once no claim of IBM's is left, the
+    take-over is complete.
+    """
+    report: dict[str, Any] = {"stateFile": str(path), "cdiRoot": str(cdi_root)}
+    claims: dict[str, PreparedClaim] = {}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        report["owner"] = "none"
+    except OSError as exc:
+        report["owner"], report["problem"] = "unreadable", str(exc)
+    else:
+        try:
+            if _is_ibm_checkpoint(data):
+                report["owner"] = "ibm"
+                claims = decode_ibm_checkpoint(data)
+            else:
+                report["owner"] = "power-dra-driver"
+                report["bootId"], claims = decode_checkpoint(data)
+        except (ValueError, TypeError) as exc:
+            report["problem"] = f"{exc} (the plugin moves it aside at start)"
+    try:
+        names = sorted(os.listdir(cdi_root))
+    except OSError:
+        names = []
+    ibm_files = [n for n in names if n == IBM_COMMON_SPEC_FILE or n.endswith(IBM_SPEC_SUFFIX)]
+    ibm_files = [n for n in ibm_files if n.startswith(SPEC_FILE_PREFIX)]
+    adopted = sorted(uid for uid, c in claims.items() if uses_ibm_specs(c))
+    report["claims"] = {
+        uid: {**c.to_dict(), "adoptedFromIbm": uid in adopted} for uid, c in sorted(claims.items())
+    }
+    report["ibmFiles"] = ibm_files + ([path.name] if report["owner"] == "ibm" else [])
+    report["creditsHeldOutsideOurSlice"] = credits_outside_our_slice(claims.values())
+    if report["owner"] == "ibm":
+        report["migration"] = "not started: the plugin adopts IBM's claims when it starts"
+    elif adopted or ibm_files:
+        report["migration"] = (
+            f"in progress: {len(adopted)} claims adopted from IBM's driver still prepared; "
+            "IBM's files go with the last of them"
+        )
+    else:
+        report["migration"] = "complete: nothing of IBM's driver is left on this node"
+    return report

@@ -11,14 +11,17 @@ NxConfig plus the claim's share of the accelerator).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from typing import Any
 
-from controller.allocation import allocation_devices, driver_opaque_configs, driver_results
+from controller.allocation import (
+    allocation_devices,
+    driver_opaque_configs,
+    driver_results,
+    result_credits,
+)
 from controller.nxconfig import (
     NxConfig,
     NxConfigError,
@@ -223,7 +226,8 @@ def validate_claim_ref(ref: ClaimRef) -> None:
         ClaimError: naming the field that is wrong.
     """
     validate_claim_uid(ref.uid)
-    label = f"{clip(ref.namespace)}/{clip(ref.name)}"
+    # Escaped: the kubelet passes what a pod spec said, newlines and all, into error text.
+    label = f"{clip(ref.namespace)!r}/{clip(ref.name)!r}"
     if not _DNS_LABEL.fullmatch(ref.namespace):
         raise ClaimError(
             f"claim {label} (uid {ref.uid}): namespace {clip(ref.namespace)!r} is not a "
@@ -260,6 +264,11 @@ def check_claim(claim: Mapping[str, Any], ref: ClaimRef) -> str | None:
     """
     meta = claim.get("metadata") or {}
     uid = meta.get("uid")
+    if not uid:
+        return (
+            f"claim {ref}: the API's answer carries no UID (not a readable ResourceClaim); "
+            "check the plugin's log and the API server"
+        )
     if uid != ref.uid:
         return (
             f"claim {ref}: the API has UID {uid}, the kubelet asked for {ref.uid}: "
@@ -340,54 +349,12 @@ def parent_request(request_name: str) -> str:
     return request_name.split("/", 1)[0]
 
 
-def quantity_to_credits(value: Any) -> int:
-    """A resource.Quantity (as serialized, e.g. "4", "1k", "2e1") as whole credits.
-
-    Fractions round up, as the scheduler rounds consumed capacity up.
-
-    Raises:
-        ValueError: not a non-negative quantity.
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        amount = Fraction(value)
-    elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value.strip())):
-        sign, number, suffix = m.groups()
-        amount = Fraction(number) * _quantity_multiplier(suffix or "")
-        if sign == "-":
-            amount = -amount
-    else:
-        raise ValueError(f"not a quantity: {value!r}")
-    if amount < 0:
-        raise ValueError(f"negative quantity: {value!r}")
-    return math.ceil(amount)
-
-
-_QUANTITY = re.compile(
-    r"([+-]?)(\d+(?:\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?"
-)
-_BINARY_SUFFIXES = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
-_DECIMAL_SUFFIXES = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12}
-_DECIMAL_SUFFIXES |= {"P": 15, "E": 18}
-
-
-def _quantity_multiplier(suffix: str) -> Fraction:
-    if suffix in _BINARY_SUFFIXES:
-        return Fraction(2) ** _BINARY_SUFFIXES[suffix]
-    if suffix in _DECIMAL_SUFFIXES:
-        return Fraction(10) ** _DECIMAL_SUFFIXES[suffix]
-    return Fraction(10) ** int(suffix[1:])
-
-
 def _result_credits(result: Mapping[str, Any]) -> int:
     """Credits one result holds: its consumed capacity in shared mode, else 1.
 
-    A slot-mode device is one exclusive slot, one credit.
+    The controller's parser (controller.allocation), so both judge a claim alike.
     """
-    consumed = result.get("consumedCapacity") or {}
-    for key in (CREDITS_CAPACITY, f"nx.device.power.ibm.com/{CREDITS_CAPACITY}"):
-        if key in consumed:
-            return quantity_to_credits(consumed[key])
-    return 1
+    return result_credits(result, "nx.device.power.ibm.com")
 
 
 def build_prepared_claim(

@@ -65,12 +65,14 @@ class DeviceOptions:
             )
 
 
-def available_credits(inventory: Inventory, options: DeviceOptions) -> int:
-    """Credits we offer to claims: the node's total (or the fallback) minus the reserve."""
+def available_credits(inventory: Inventory, options: DeviceOptions, held_credits: int = 0) -> int:
+    """Credits we offer to claims: the node's total (or the fallback) minus the reserve,
+    minus `held_credits` (claims allocated from IBM's device, which the scheduler
+    does not count against ours)."""
     total = inventory.credits.total
     if total is None:
         total = options.fallback_credits
-    return max(0, total - options.reserved_credits)
+    return max(0, total - options.reserved_credits - held_credits)
 
 
 def device_attributes(inventory: Inventory, options: DeviceOptions) -> dict[str, AttributeValue]:
@@ -96,11 +98,17 @@ def _shared_request_policy(credits: int) -> RequestPolicy:
     return RequestPolicy(default=1, min=1, step=1 if credits >= 2 else None)
 
 
-def build_devices(inventory: Inventory, options: DeviceOptions) -> list[Device]:
-    """The devices to publish for `inventory`: none without a usable NX-gzip device node."""
+def build_devices(
+    inventory: Inventory, options: DeviceOptions, held_credits: int = 0
+) -> list[Device]:
+    """The devices to publish for `inventory`: none without a usable NX-gzip device node.
+
+    `held_credits` are in use by claims the scheduler allocated from IBM's
+    driver's device (see `ibm_state`): one credit, or one slot, less each.
+    """
     if not inventory.device_node_present or inventory.platform is None:
         return []
-    credits = available_credits(inventory, options)
+    credits = available_credits(inventory, options, held_credits)
     if credits == 0:
         return []
     attributes = device_attributes(inventory, options)

@@ -11,6 +11,10 @@ Crash safety: prepare writes specs before the checkpoint, unprepare removes
 the checkpoint entry before the spec; `reconcile_on_start` repairs whatever a
 crash between the two left behind (a spec without entry is removed, an entry
 without spec gets its spec back).
+
+Claims adopted from IBM's Go driver (see `ibm_state`) keep IBM's CDI spec
+files instead of ours, under the same rules; their credits are reported to
+the publisher, which keeps them out of the slice.
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ from .claims import (
     validate_claim_uid,
 )
 from .grpc_service import ClaimPrepareResult, DeviceHealth, PreparedDeviceInfo
+from .ibm_state import (
+    IBM_DEVICE_NAME,
+    credits_outside_our_slice,
+    ibm_specs_present,
+    reconcile_ibm_specs,
+    remove_ibm_specs,
+    uses_ibm_specs,
+    write_ibm_specs,
+)
 
 if TYPE_CHECKING:  # importing the HTTP stack is deferred until the sockets are up
     from controller.apiclient import ApiClient
@@ -126,6 +139,9 @@ class NxDriver:
         self._health_event = anyio.Event()
         self.stats = {"prepared": 0, "unprepared": 0, "prepare_errors": 0}
         self.on_latency: Callable[[str, float], None] | None = None
+        # Called (on the event loop) when `credits_outside_our_slice` changed.
+        self.on_outside_credits_change: Callable[[], None] | None = None
+        self._outside_credits = 0
 
     # --- start-up ----------------------------------------------------------------
 
@@ -152,6 +168,7 @@ class NxDriver:
             if problems:
                 save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
             self._written = _file_signature(self.paths.checkpoint)
+        self._outside_credits = self.credits_outside_our_slice()
         return problems
 
     def _reconcile_files(self) -> list[str]:
@@ -161,9 +178,12 @@ class NxDriver:
             remove_claim_spec(self.paths.cdi_root, uid)
             notes.append(f"removed CDI spec of claim {uid}: not in the checkpoint (never answered)")
         for uid, prepared in self.claims.items():
-            if uid not in on_disk:
+            if uid not in on_disk and not uses_ibm_specs(prepared):
                 write_claim_spec(self.paths.cdi_root, self._spec(prepared), uid)
                 notes.append(f"re-created CDI spec of prepared claim {prepared.ref}")
+        notes += reconcile_ibm_specs(
+            self.paths.cdi_root, self.claims, self.paths.device_path, self.paths.host_device_path
+        )
         for note in notes:
             log.warning("%s", note)
         return notes
@@ -181,6 +201,34 @@ class NxDriver:
 
     def _spec(self, prepared: PreparedClaim) -> dict[str, Any]:
         return claim_spec(prepared, self.paths.device_path, self.paths.host_device_path)
+
+    def _spec_present(self, prepared: PreparedClaim) -> bool:
+        if uses_ibm_specs(prepared):
+            return ibm_specs_present(self.paths.cdi_root, prepared.uid)
+        return (self.paths.cdi_root / spec_file_name(prepared.uid)).exists()
+
+    def _write_spec(self, prepared: PreparedClaim) -> None:
+        # A claim adopted from IBM's driver keeps the CDI IDs the kubelet has: IBM's files.
+        if uses_ibm_specs(prepared):
+            write_ibm_specs(
+                self.paths.cdi_root,
+                prepared.uid,
+                self.paths.device_path,
+                self.paths.host_device_path,
+            )
+        else:
+            write_claim_spec(self.paths.cdi_root, self._spec(prepared), prepared.uid)
+
+    def credits_outside_our_slice(self) -> int:
+        """Credits of prepared claims the scheduler counts against IBM's device, not ours."""
+        return credits_outside_our_slice(self.claims.values())
+
+    def _check_outside_credits(self) -> None:
+        outside = self.credits_outside_our_slice()
+        if outside != self._outside_credits:
+            self._outside_credits = outside
+            if self.on_outside_credits_change is not None:
+                self.on_outside_credits_change()
 
     def _refresh_from_disk(self) -> None:
         # Another plugin instance (rolling update) may have written since our last write.
@@ -238,6 +286,7 @@ class NxDriver:
         if decided:
             async with self._lock:
                 await anyio.to_thread.run_sync(self._commit_prepared, decided)
+            self._check_outside_credits()
         for uid, prepared in decided.items():
             results[uid] = ClaimPrepareResult(
                 devices=[
@@ -267,9 +316,8 @@ class NxDriver:
         self._refresh_from_disk()
         changed = False
         for uid, prepared in decided.items():
-            spec_missing = not (self.paths.cdi_root / spec_file_name(uid)).exists()
-            if self.claims.get(uid) != prepared or spec_missing:
-                write_claim_spec(self.paths.cdi_root, self._spec(prepared), uid)
+            if self.claims.get(uid) != prepared or not self._spec_present(prepared):
+                self._write_spec(prepared)
             if self.claims.get(uid) != prepared:
                 self.claims[uid] = prepared
                 changed = True
@@ -288,7 +336,11 @@ class NxDriver:
                 "waiting for this node's ResourceSlice to be published (devices not known yet)"
             )
             await self._devices_settled.wait()
-        return build_prepared_claim(claim, self.driver, self.node_name, self._device_names())
+        devices = self._device_names()
+        if devices:
+            # Allocated from IBM's slice before ours replaced it: the same accelerator.
+            devices = {*devices, IBM_DEVICE_NAME}
+        return build_prepared_claim(claim, self.driver, self.node_name, devices)
 
     async def _get_claim(self, ref: ClaimRef, deadline: float, stage: list[str]) -> dict[str, Any]:
         if self._client is None:
@@ -339,6 +391,7 @@ class NxDriver:
         if uids:
             async with self._lock:
                 await anyio.to_thread.run_sync(self._commit_unprepared, uids)
+            self._check_outside_credits()
         self.stats["unprepared"] += len(uids)
         if self.on_latency is not None:
             self.on_latency("unprepare", time.monotonic() - start)
@@ -353,6 +406,7 @@ class NxDriver:
             self._written = _file_signature(self.paths.checkpoint)
         for uid in uids:
             remove_claim_spec(self.paths.cdi_root, uid)
+        remove_ibm_specs(self.paths.cdi_root, uids, self.claims.values())
 
     # --- health --------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 """`power-dra-kubeletplugin`: the node plugin.
 
     power-dra-kubeletplugin [run] --node-name N ...   # serve the kubelet, publish slices
-    power-dra-kubeletplugin inspect --sysfs-root R    # print inventory + slices as JSON
+    power-dra-kubeletplugin inspect --sysfs-root R    # inventory, slices, node state as JSON
 
 Start order is chosen for pod-start latency: the gRPC sockets answer before
 the API connection is up (prepare waits for it), discovery is a few file reads.
@@ -96,7 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         "resource.k8s.io version of the printed slices",
         choices=list(API_VERSIONS),
     )
+    _add_state_flags(inspect)
     return parser
+
+
+def _add_state_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        "--kubelet-plugins-directory-path",
+        "KUBELET_PLUGINS_DIRECTORY_PATH",
+        "/var/lib/kubelet/plugins",
+        "the kubelet's plugin data directory (our socket and checkpoint go in <it>/<driver>)",
+        type=Path,
+    )
+    add_flag(parser, "--cdi-root", "CDI_ROOT", "/var/run/cdi", "where CDI specs go", type=Path)
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -127,15 +140,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "the kubelet's plugin registration directory",
         type=Path,
     )
-    add_flag(
-        parser,
-        "--kubelet-plugins-directory-path",
-        "KUBELET_PLUGINS_DIRECTORY_PATH",
-        "/var/lib/kubelet/plugins",
-        "the kubelet's plugin data directory (our socket and checkpoint go in <it>/<driver>)",
-        type=Path,
-    )
-    add_flag(parser, "--cdi-root", "CDI_ROOT", "/var/run/cdi", "where CDI specs go", type=Path)
+    _add_state_flags(parser)
     add_flag(
         parser,
         "--rediscovery-interval",
@@ -198,13 +203,24 @@ def discover_node(args: argparse.Namespace, known_warnings: Collection[str] = ()
 
 
 def inspect(args: argparse.Namespace) -> int:
-    """Print the inventory and the slices the plugin would publish, as JSON."""
+    """Print the inventory, the slices the plugin would publish and what its state
+    file and CDI directory hold (claims, and what is left of IBM's driver), as JSON."""
     inventory = discover_node(args)
     devices = build_devices(inventory, device_options(args))
     slices = build_pool_slices(
         DRIVER_NAME, args.node_name, None, devices, generation=1, api_version=args.api_version
     )
-    doc: dict[str, Any] = {"inventory": asdict(inventory), "resourceSlices": slices}
+    from .checkpoint import CHECKPOINT_FILE_NAME, describe_state
+
+    state = describe_state(
+        Path(args.kubelet_plugins_directory_path) / DRIVER_NAME / CHECKPOINT_FILE_NAME,
+        Path(args.cdi_root),
+    )
+    doc: dict[str, Any] = {
+        "inventory": asdict(inventory),
+        "resourceSlices": slices,
+        "nodeState": state,
+    }
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 

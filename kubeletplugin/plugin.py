@@ -198,9 +198,11 @@ async def _serve_cluster_side(
         node_name=args.node_name,
         options=device_options(args),
         inventory=view.inventory,
+        held_credits=driver.credits_outside_our_slice,
         on_mode_change=lambda _mode: _forget_devices_of_old_mode(view, driver),
     )
     view.publisher = publisher
+    driver.on_outside_credits_change = publisher.held_credits_changed
     driver.set_client(client, devices_settled=publisher.published)
     registry = Registry()
     _register_metrics(registry, driver, publisher)

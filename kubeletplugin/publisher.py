@@ -53,6 +53,7 @@ class SlicePublisher:
         options: DeviceOptions,
         inventory: Inventory,
         on_mode_change: Callable[[str], None] | None = None,
+        held_credits: Callable[[], int] | None = None,
     ) -> None:
         self.client = client
         self.driver = driver
@@ -68,13 +69,22 @@ class SlicePublisher:
         self.reconciles = 0
         self._multi_allocation_probed = False
         self._on_mode_change = on_mode_change
+        self._held_credits = held_credits or (lambda: 0)
         # Why the slice is not published yet ("" once it is, or before the first try).
         self.waiting_for = "connecting to the API server"
 
     @property
     def devices(self) -> list[Device]:
         """The devices of the current inventory in the current mode."""
-        return build_devices(self.inventory, self.options)
+        return build_devices(self.inventory, self.options, self._held_credits())
+
+    def held_credits_changed(self) -> None:
+        """Credits held outside our slice changed (claims adopted from IBM's driver)."""
+        log.info(
+            "credits held by claims of IBM's device changed, republishing",
+            extra={"node": self.node_name, "held": self._held_credits()},
+        )
+        self.queue.add(POOL_KEY)
 
     def update_inventory(self, inventory: Inventory) -> bool:
         """Take a rediscovered inventory; True (and a reconcile queued) when it changed."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from controller.allocation import quantity_to_credits  # the one parser of both processes
 from controller.nxconfig import API_VERSION, KIND
 from kubeletplugin.claims import (
     CDI_KIND,
@@ -18,7 +19,7 @@ from kubeletplugin.claims import (
     check_claim,
     claim_configs_for_request,
     our_results,
-    quantity_to_credits,
+    validate_claim_ref,
     validate_claim_uid,
 )
 
@@ -104,6 +105,21 @@ def test_a_uid_mismatch_means_the_claim_was_recreated() -> None:
     assert error is not None
     assert error.startswith("claim default/x: the API has UID other")
     assert "re-created" in error
+
+
+def test_an_answer_without_uid_is_not_called_a_re_created_claim() -> None:
+    answer = {"message": "not a claim"}
+    error = check_claim(answer, ClaimRef("default", UID, "x"))
+    assert error is not None and "carries no UID" in error
+    assert "re-created" not in error
+
+
+@pytest.mark.parametrize(("namespace", "name"), [("evil\nns", "x"), ("default", "x\nINFO y")])
+def test_names_with_newlines_are_escaped_in_the_error_text(namespace: str, name: str) -> None:
+    with pytest.raises(ClaimError) as caught:
+        validate_claim_ref(ClaimRef(namespace, UID, name))
+    assert "\n" not in str(caught.value)
+    assert "\\n" in str(caught.value)
 
 
 def test_an_unallocated_claim_cannot_be_prepared() -> None:

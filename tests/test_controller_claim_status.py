@@ -16,6 +16,7 @@ from controller.apiclient import ApiClient
 from controller.claim_status import (
     DRIVER,
     ClaimStatusController,
+    config_notes,
     config_problem,
     current_entries,
     desired_entries,
@@ -33,6 +34,7 @@ NX = {"apiVersion": "nx.device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
 OTHER = "other.example.com"
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 SHARE = "9f2a7c1e-0000-4000-8000-000000000001"
+IBM_DEVICE = "cryptonxgzip"
 
 
 def _claim(configs: list[Any], results: list[Any], devices: list[Any] | None = None) -> Any:
@@ -59,6 +61,8 @@ def _ours(device: str = "nx-gzip", credits: str | None = "3", share: str | None 
 def _config(params: Any, driver: str = DRIVER, source: str = "FromClaim") -> Any:
     return {"source": source, "requests": [], "opaque": {"driver": driver, "parameters": params}}
 
+
+IBM_NX = {"apiVersion": "device.power.ibm.com/v1alpha1", "kind": "NxConfig"}
 
 # --- what the entries say -----------------------------------------------------------------
 
@@ -88,6 +92,18 @@ def test_a_valid_allocation_gets_a_ready_entry_with_its_credits() -> None:
     ]
 
 
+def test_an_unreadable_consumed_capacity_is_not_ready_like_the_plugin_says() -> None:
+    # The plugin refuses such a claim; the controller must not report it Ready with 1 credit.
+    from kubeletplugin.claims import ClaimError, build_prepared_claim
+
+    claim = _claim([], [_ours(credits="lots")])
+    entries, problem = desired_entries(claim, NOW)
+    assert problem is not None and "unreadable consumedCapacity" in problem
+    assert entries[0]["conditions"][0]["status"] == "False"
+    with pytest.raises(ClaimError, match="unreadable consumedCapacity"):
+        build_prepared_claim(claim, DRIVER, "n1", ["nx-gzip"])
+
+
 def test_a_slot_device_without_consumed_capacity_counts_one_credit() -> None:
     assert result_credits(_ours(device="nx-gzip-0", credits=None, share=None)) == 1
     assert result_credits(_ours(credits="1500m")) == 2  # fractions round up
@@ -105,6 +121,23 @@ def test_an_invalid_config_makes_every_entry_not_ready_and_names_the_field() -> 
     assert "fix it in the claim" in problem
     assert [e["conditions"][0]["status"] for e in entries] == ["False", "False"]
     assert {e["conditions"][0]["reason"] for e in entries} == {"InvalidConfig"}
+
+
+def test_ibm_nxconfig_with_sharing_is_valid_and_noted_as_without_effect() -> None:
+    ibm = {**IBM_NX, "sharing": {"strategy": "TimeSlicing"}}
+    claim = _claim([_config(ibm, source="FromClass")], [_ours(device=IBM_DEVICE, credits=None)])
+    entries, problem = desired_entries(claim, NOW)
+    assert problem is None
+    assert entries[0]["conditions"][0]["status"] == "True"
+    notes = config_notes(claim)
+    assert notes is not None
+    assert notes.startswith("claim ns/c: status.allocation.devices.config[0] (FromClass): ")
+    assert "parameters.sharing (TimeSlicing) has no effect" in notes
+    assert "credits" in notes
+
+
+def test_configs_that_all_take_effect_have_no_notes() -> None:
+    assert config_notes(_claim([_config({**NX, "verbose": 1}), _config(IBM_NX)], [_ours()])) is None
 
 
 def test_a_bad_class_config_is_blamed_on_the_class() -> None:

@@ -168,9 +168,12 @@ async def test_configured_classes_are_applied_and_repaired_and_stale_ones_delete
     foreign_before = await api.get(classes, foreign)
     nx = {"opaque": {"driver": DRIVER, "parameters": {**NX, "verbose": 1}}}
     desired = (DesiredClass(DRIVER), DesiredClass(a), DesiredClass(b, config=(nx,)))
-    # Run with exactly the documented RBAC.
+    # Run with exactly the documented RBAC, plus the names of the classes configured
+    # (and once configured) here, as docs/RBAC-controller.md tells users to add.
     control_plane.kubectl("create", "namespace", unique_name)
-    restricted = ApiClient(restricted_config(control_plane, unique_name, "controller"))
+    restricted = ApiClient(
+        restricted_config(control_plane, unique_name, "controller", class_names=(a, b, stale))
+    )
     controller = DeviceClassController(restricted, classes.version, desired)
 
     async def get(name: str) -> dict[str, Any] | None:

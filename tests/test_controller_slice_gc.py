@@ -33,6 +33,17 @@ def _slice(name: str, node: str | None, driver: str = DRIVER, pool: str | None =
 # --- which node a slice belongs to ----------------------------------------------------
 
 
+def test_a_slice_owned_by_an_earlier_node_of_the_same_name_is_an_orphan() -> None:
+    owned = _slice("s", "n1")
+    owned["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "old-uid"}
+    ]
+    assert is_orphan(owned, {"n1": {"metadata": {"name": "n1", "uid": "new-uid"}}})
+    assert not is_orphan(owned, {"n1": {"metadata": {"name": "n1", "uid": "old-uid"}}})
+    # Without an owner a slice cannot tell the nodes apart: the name decides.
+    assert not is_orphan(_slice("s", "n1"), {"n1": {"metadata": {"uid": "new-uid"}}})
+
+
 def test_a_slice_belongs_to_its_node_name() -> None:
     assert slice_node(_slice("s", "n1", pool="other")) == "n1"
 

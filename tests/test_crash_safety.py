@@ -25,10 +25,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kubeletplugin.ibm_state import (
+    IBM_COMMON_SPEC_FILE,
+    decode_ibm_checkpoint,
+    ibm_cdi_device_ids,
+    ibm_claim_spec_file,
+)
 from tests.dra_objects import allocate_claims, claim, device_class, pod
 from tests.harness.cluster import ControlPlane, write_kubeconfig
 from tests.harness.plugin import PluginProcess
 from tests.harness.tcpproxy import TcpProxy
+from tests.ibm_driver_standin import write_ibm_files
 from tests.kubelet_standin import ClaimName, DraClient, PrepareAnswer, get_plugin_info
 
 pytestmark = pytest.mark.cluster
@@ -451,3 +458,65 @@ def test_rebuilt_claims_unprepare_and_leave_no_spec(corrupted_own: Corrupted) ->
 
 def test_each_repair_at_start_is_logged_once(corrupted: Corrupted) -> None:
     assert corrupted.plugin.log().count("is unusable") == 1
+
+
+# --- kill -9 while taking a node over from IBM's driver --------------------------------
+
+ADOPTION_ROUNDS = 12
+
+
+def write_ibm_node(plugin: PluginProcess, uids: list[str]) -> None:
+    """IBM's driver's files for `uids`, and nothing else, in the plugin's directories."""
+    for p in [*plugin.cdi_root.iterdir(), *plugin.plugin_dir.glob("checkpoint*")]:
+        p.unlink()
+    write_ibm_files(plugin.plugin_dir, plugin.cdi_root, plugin.node_name, uids)
+
+
+def adopted_state(plugin: PluginProcess) -> tuple[str, set[str]]:
+    """Whose state file is on disk ("ibm" or "ours") and the claims it holds."""
+    data = plugin.checkpoint.read_bytes()
+    if b'"version"' not in data:
+        return "ibm", set(decode_ibm_checkpoint(data))  # raises if damaged
+    return "ours", set(json.loads(data)["claims"])
+
+
+def test_adoption_of_ibm_state_survives_kill_9(cluster: Cluster) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    plugin = cluster.plugin("adopt")
+    refs = [ClaimName("ns", str(uuid.uuid4()), f"ibm-claim-{i}") for i in range(3)]
+    uids = [r.uid for r in refs]
+    ibm_specs = sorted([IBM_COMMON_SPEC_FILE, *(ibm_claim_spec_file(u) for u in uids)])
+    seen: dict[str, int] = {"ibm": 0, "ours": 0}
+    try:
+        for i in range(ADOPTION_ROUNDS):
+            where = f"seed {seed}, round {i}"
+            write_ibm_node(plugin, uids)
+            plugin.start(wait=False)
+            time.sleep(rng.uniform(0.0, 1.2))  # start-up (imports, then adoption) takes ~1 s
+            kill(plugin)
+            owner, claims = adopted_state(plugin)
+            seen[owner] += 1
+            assert claims == set(uids), f"{where}: {owner} state lost claims"
+            assert sorted(n for n in os.listdir(plugin.cdi_root) if not n.startswith(".")) == (
+                ibm_specs
+            ), f"{where}: IBM's specs changed"
+            start_serving(plugin)
+            assert adopted_state(plugin) == ("ours", set(uids)), where
+            assert leftovers(plugin) == [], f"{where}: files left behind"
+            with DraClient(plugin.dra_socket) as client:
+                answers = client.prepare(refs, timeout=CALL_TIMEOUT)
+            for u in uids:
+                assert answers[u].error == "", answers[u].error
+                assert [tuple(d.cdi_device_ids) for d in answers[u].devices] == [
+                    ibm_cdi_device_ids(u)
+                ], where
+            kill(plugin)
+        start_serving(plugin)
+        with DraClient(plugin.dra_socket) as client:
+            assert set(client.unprepare(refs, timeout=CALL_TIMEOUT).values()) == {""}
+        assert os.listdir(plugin.cdi_root) == []
+        assert checkpoint_claims(plugin) == set()
+    finally:
+        plugin.stop()
+    print(f"{ADOPTION_ROUNDS} kills during adoption: state file found {seen}")

@@ -229,6 +229,15 @@ def test_other_values_reach_the_plugin(other_render: list[Obj]) -> None:
         assert volumes[mounts[value]] == value
 
 
+def test_without_leader_election_only_one_controller_runs() -> None:
+    # Two replicas without a lease would both reconcile at once.
+    rendered = helm_template("--set", "controller.leaderElect=false")
+    dep = one(rendered, "Deployment", CONTROLLER_SA)
+    assert dep["spec"]["replicas"] == 1
+    assert env_of(container(dep))["LEADER_ELECT"] == "false"
+    assert one(helm_template(), "Deployment", CONTROLLER_SA)["spec"]["replicas"] == 2
+
+
 def test_other_values_reach_the_controller(other_render: list[Obj]) -> None:
     dep = one(other_render, "Deployment", CONTROLLER_SA)
     pod = dep["spec"]["template"]["spec"]
@@ -263,11 +272,12 @@ def test_other_values_drop_optional_objects_and_follow_the_namespace(
             assert subject["namespace"] == OTHER_NAMESPACE
 
 
-def test_slice_policy_names_the_plugin_of_the_release_namespace() -> None:
+def test_slice_policy_names_the_plugin_service_account_in_any_namespace() -> None:
     rendered = helm_template(namespace=OTHER_NAMESPACE)
     vap = one(rendered, "ValidatingAdmissionPolicy")
     (condition,) = vap["spec"]["matchConditions"]
-    assert f"'system:serviceaccount:{OTHER_NAMESPACE}:{PLUGIN_SA}'" in condition["expression"]
+    assert f"endsWith(':{PLUGIN_SA}')" in condition["expression"]
+    assert OTHER_NAMESPACE not in json.dumps(vap["spec"])
 
 
 # --- against the API server -------------------------------------------------------
@@ -347,3 +357,32 @@ def test_install_upgrade_uninstall_with_the_documented_commands(
     ):
         args = ["get", kind, name, "--ignore-not-found", "-o", "name"]
         assert cp.kubectl(*args, *(["-n", ns] if ns else [])).stdout == "", (kind, name)
+
+
+@pytest.mark.cluster
+def test_install_into_a_namespace_enforcing_baseline_is_refused_with_the_fix(
+    own_control_plane: ControlPlane,
+) -> None:
+    # The plugin's pods would be rejected there while helm said "deployed".
+    cp = own_control_plane
+    namespace = "psa-baseline"
+    cp.kubectl("create", "namespace", namespace)
+    cp.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=baseline")
+    try:
+        refused = helm(
+            "install",
+            "nx",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            cp.kubeconfig,
+            "--wait=false",
+            check=False,
+        )
+        assert refused.returncode != 0
+        assert 'enforces Pod Security level "baseline"' in refused.stderr
+        assert f"kubectl label namespace {namespace} pod-security" in refused.stderr
+        assert cp.kubectl("get", "daemonset", "-n", namespace, "-o", "name").stdout == ""
+    finally:
+        cp.kubectl("delete", "namespace", namespace, "--wait=false")

@@ -18,6 +18,13 @@ from typing import Any
 
 import pytest
 
+from kubeletplugin.driver import DriverPaths, NxDriver
+from kubeletplugin.ibm_state import (
+    IBM_COMMON_SPEC_FILE,
+    encode_ibm_checkpoint,
+    ibm_claim_spec_file,
+    ibm_device,
+)
 from tests.fake_sysfs import (
     make_empty_tree,
     make_powernv_tree,
@@ -112,6 +119,63 @@ def test_inspect_of_a_node_without_nx_gzip_reports_nothing_found_and_succeeds(
     assert doc["inventory"]["platform"] is None
     assert doc["inventory"]["device_node_present"] is False
     assert "no NX-gzip found" in proc.stderr
+
+
+# --- node state (taking over from IBM's driver) ---------------------------------------
+
+
+def _inspect_state(tmp_path: Path) -> dict[str, Any]:
+    if not (tmp_path / "sys").exists():
+        _node_tree(tmp_path, "powervm")
+    doc, _ = _inspect(
+        f"--sysfs-root={tmp_path / 'sys'}",
+        f"--host-dev-root={tmp_path / 'host'}",
+        f"--kubelet-plugins-directory-path={tmp_path / 'plugins'}",
+        f"--cdi-root={tmp_path / 'cdi'}",
+    )
+    state: dict[str, Any] = doc["nodeState"]
+    return state
+
+
+def _ibm_files(tmp_path: Path, uid: str) -> None:
+    plugin_dir, cdi = tmp_path / "plugins" / DRIVER, tmp_path / "cdi"
+    plugin_dir.mkdir(parents=True)
+    cdi.mkdir()
+    (plugin_dir / "checkpoint.json").write_bytes(
+        encode_ibm_checkpoint({uid: [ibm_device(uid, "node-a", "nx")]})
+    )
+    (cdi / IBM_COMMON_SPEC_FILE).write_text("kind: k8s.nx.device.power.ibm.com/nx\n")
+    (cdi / ibm_claim_spec_file(uid)).write_text("kind: k8s.nx.device.power.ibm.com/nx\n")
+
+
+def test_inspect_of_a_node_ibm_driver_left_shows_its_claims_and_files(tmp_path: Path) -> None:
+    uid = "0b5f1a2c-7d3e-4f60-9a8b-1c2d3e4f5a6b"
+    _ibm_files(tmp_path, uid)
+    state = _inspect_state(tmp_path)
+    assert state["owner"] == "ibm"
+    assert state["claims"][uid]["adoptedFromIbm"] is True
+    assert state["ibmFiles"] == [ibm_claim_spec_file(uid), IBM_COMMON_SPEC_FILE, "checkpoint.json"]
+    assert state["creditsHeldOutsideOurSlice"] == 1
+    assert state["migration"].startswith("not started")
+    assert (tmp_path / "plugins" / DRIVER / "checkpoint.json").exists()  # inspect only reads
+
+
+def test_inspect_of_a_node_taken_over_says_what_is_left(tmp_path: Path) -> None:
+    uid = "0b5f1a2c-7d3e-4f60-9a8b-1c2d3e4f5a6b"
+    _ibm_files(tmp_path, uid)
+    paths = DriverPaths(plugin_dir=tmp_path / "plugins" / DRIVER, cdi_root=tmp_path / "cdi")
+    NxDriver(
+        None, driver=DRIVER, node_name="node-a", paths=paths, device_names=set, health=list
+    ).load_state()
+    state = _inspect_state(tmp_path)
+    assert state["owner"] == "power-dra-driver"
+    assert state["migration"].startswith("in progress: 1 claims adopted")
+    (tmp_path / "plugins" / DRIVER / "checkpoint.json").unlink()
+    for name in os.listdir(tmp_path / "cdi"):
+        (tmp_path / "cdi" / name).unlink()
+    state = _inspect_state(tmp_path)
+    assert (state["owner"], state["claims"], state["ibmFiles"]) == ("none", {}, [])
+    assert state["migration"].startswith("complete")
 
 
 # --- slices ----------------------------------------------------------------------------

@@ -135,14 +135,23 @@ def _documented_rbac(kind: str) -> dict[str, Any]:
 
 
 def restricted_config(
-    cp: ControlPlane, namespace: str, name: str, *, without_driver_rule: bool = False
+    cp: ControlPlane,
+    namespace: str,
+    name: str,
+    *,
+    without_driver_rule: bool = False,
+    class_names: tuple[str, ...] = (),
 ) -> ClusterConfig:
     """A ServiceAccount bound to exactly the documented Role and ClusterRole.
 
-    `without_driver_rule` leaves out the resourceclaims/driver rule, to show it is needed.
+    `without_driver_rule` leaves out the resourceclaims/driver rule, to show it is needed;
+    `class_names` are DeviceClasses the controller may change and delete besides ours.
     """
     cluster_role = _documented_rbac("ClusterRole")
     cluster_role["metadata"] = {"name": name}
+    for rule in cluster_role["rules"]:
+        if rule["resources"] == ["deviceclasses"] and "resourceNames" in rule:
+            rule["resourceNames"] = [*rule["resourceNames"], *class_names]
     if without_driver_rule:
         cluster_role["rules"] = [
             r for r in cluster_role["rules"] if r["resources"] != ["resourceclaims/driver"]

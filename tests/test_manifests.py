@@ -5,6 +5,7 @@ promise, checked on the rendered objects, and accepted by a real API server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -208,6 +209,9 @@ def test_plugin_sees_host_sys_and_dev_read_only_where_its_flags_point(base: list
     dev_mount = env["HOST_DEV_ROOT"] + "/dev"
     assert volumes[mounts[dev_mount]["name"]] == "/dev"
     assert mounts[dev_mount]["readOnly"] is True
+    # Submounts of the host's /sys and /dev (say, /dev/shm) read-only too, where supported.
+    assert mounts["/host-sys"]["recursiveReadOnly"] == "IfPossible"
+    assert mounts[dev_mount]["recursiveReadOnly"] == "IfPossible"
 
 
 def test_plugin_gets_node_name_and_pod_uid_from_the_downward_api(base: list[Obj]) -> None:
@@ -272,7 +276,7 @@ def test_no_rbac_rule_uses_wildcards(base: list[Obj], openshift: list[Obj]) -> N
 def test_plugin_rbac_is_slices_claims_and_its_node(base: list[Obj]) -> None:
     grants = _grants(_rules(base, "ClusterRole", PLUGIN_SA))
     slice_verbs = {v for g, r, v, _ in grants if r == "resourceslices"}
-    assert slice_verbs == {"get", "list", "watch", "create", "update", "patch", "delete"}
+    assert slice_verbs == {"get", "list", "watch", "create", "update", "delete"}
     assert {(r, v) for g, r, v, _ in grants if r != "resourceslices"} == {
         ("resourceclaims", "get"),
         ("nodes", "get"),
@@ -283,17 +287,18 @@ def test_controller_rbac_covers_granular_claim_status_for_this_driver_only(
     base: list[Obj],
 ) -> None:
     grants = _grants(_rules(base, "ClusterRole", CONTROLLER_SA))
-    assert ("resource.k8s.io", "resourceclaims/status", "update", "*") in grants
-    assert ("resource.k8s.io", "resourceclaims/status", "patch", "*") in grants
+    assert {v for g, r, v, _ in grants if r == "resourceclaims/status"} == {"patch"}
     driver = {(v, n) for g, r, v, n in grants if r == "resourceclaims/driver"}
-    assert driver == {("arbitrary-node:update", DRIVER), ("arbitrary-node:patch", DRIVER)}
-    assert {v for g, r, v, _ in grants if r == "resourceslices"} == {
-        "get",
-        "list",
-        "watch",
-        "delete",
+    assert driver == {("arbitrary-node:patch", DRIVER)}
+    assert {v for g, r, v, _ in grants if r == "resourceslices"} == {"list", "watch", "delete"}
+    assert {g for g, r, _, _ in grants if r == "events"} == {"events.k8s.io"}
+    # Only our own class may be changed or deleted.
+    assert {
+        (v, n) for g, r, v, n in grants if r == "deviceclasses" and v in ("patch", "delete")
+    } == {
+        ("patch", DRIVER),
+        ("delete", DRIVER),
     }
-    assert {g for g, r, _, _ in grants if r == "events"} == {"", "events.k8s.io"}
     assert not any(r in ("daemonsets", "pods", "secrets") for _, r, _, _ in grants)
 
 
@@ -329,7 +334,10 @@ def test_slice_policy_matches_every_resource_version_and_only_the_plugin(
     assert rules[0]["resources"] == ["resourceslices"]
     assert vap["spec"]["failurePolicy"] == "Fail"
     (condition,) = vap["spec"]["matchConditions"]
-    assert f"'{PLUGIN_USER}'" in condition["expression"]
+    # The plugin's ServiceAccount by name, in whatever namespace an overlay or OLM puts it.
+    assert f"endsWith(':{PLUGIN_SA}')" in condition["expression"]
+    assert f"serviceaccount:{NAMESPACE}:" not in json.dumps(vap["spec"])
+    assert any(f"== '{DRIVER}'" in v["expression"] for v in vap["spec"]["validations"])
     binding = one(base, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
 
@@ -533,6 +541,9 @@ class PluginIdentity:
     def run(self, *args: str) -> Any:
         return self.cp.kubectl(*args, check=False, kubeconfig=self.kubeconfig)
 
+    def run_with_input(self, text: str, *args: str) -> Any:
+        return self.cp.kubectl(*args, input=text, check=False, kubeconfig=self.kubeconfig)
+
 
 @pytest.fixture(scope="module")
 def slice_policy(control_plane: ControlPlane, base: list[Obj]) -> Iterator[list[Obj]]:
@@ -605,6 +616,14 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     created = plugin.create(own)
     assert created.returncode == 0, created.stderr
 
+    # Its own node, but another driver's slice: denied.
+    foreign = {**_slice(f"{unique_name}-a-foreign", node_a)}
+    foreign["spec"] = {**foreign["spec"], "driver": "other.example.com"}
+    result = plugin.create(foreign)
+    assert result.returncode != 0, "slice of another driver was allowed"
+    assert "may only write ResourceSlices of driver nx.device.power.ibm.com" in result.stderr
+    assert "not of other.example.com" in result.stderr
+
     # Older API versions are checked as well.
     for version in ("v1beta1", "v1beta2"):
         old = _slice(f"{unique_name}-b-{version}", node_b, version)
@@ -613,8 +632,13 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
 
     # Another node's existing slice can be neither changed nor deleted.
     cp.kubectl("create", "-f", "-", input=json.dumps(other))
-    patched = plugin.run("label", "resourceslice", other["metadata"]["name"], "touched=yes")
-    assert patched.returncode != 0 and "may only write ResourceSlices" in patched.stderr
+    # (The plugin updates with PUT; it is granted no patch at all.)
+    current = json.loads(
+        cp.kubectl("get", "resourceslice", other["metadata"]["name"], "-o", "json").stdout
+    )
+    current["metadata"].setdefault("labels", {})["touched"] = "yes"
+    replaced = plugin.run_with_input(json.dumps(current), "replace", "-f", "-")
+    assert replaced.returncode != 0 and "may only write ResourceSlices" in replaced.stderr
     deleted = plugin.run("delete", "resourceslice", other["metadata"]["name"])
     assert deleted.returncode != 0 and "may only write ResourceSlices" in deleted.stderr
 
@@ -628,3 +652,54 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     cp.kubectl("delete", "resourceslice", other["metadata"]["name"])
     cp.kubectl("delete", "pod", pod_name, "-n", NAMESPACE, "--grace-period=0", "--force")
     cp.kubectl("delete", "node", node_a, node_b)
+
+
+@pytest.mark.cluster
+def test_slice_policy_binds_the_plugin_of_an_overlay_in_another_namespace(
+    control_plane: ControlPlane, slice_policy: list[Obj], unique_name: str, tmp_path: Path
+) -> None:
+    # A kustomize overlay that only sets another namespace: its plugin is held to its node too.
+    cp = control_plane
+    moved = f"{unique_name}-ns"[-63:]
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"namespace: {moved}\nresources:\n  - {os.path.relpath(MANIFESTS / 'base', overlay)}\n"
+    )
+    objs = kustomize(overlay)
+    policy = one(slice_policy, "ValidatingAdmissionPolicy")
+    assert one(objs, "ValidatingAdmissionPolicy")["spec"] == policy["spec"]
+    binding = one(objs, "ClusterRoleBinding", PLUGIN_SA)
+    binding["metadata"]["name"] = f"{unique_name}-plugin"  # next to the base's binding
+    assert binding["subjects"][0]["namespace"] == moved
+    cp.apply([one(objs, "Namespace"), one(objs, "ServiceAccount", PLUGIN_SA), binding])
+    node_a, node_b = f"{unique_name}-a", f"{unique_name}-b"
+    cp.create_node(node_a)
+    cp.create_node(node_b)
+    pod_name = f"{unique_name}-plugin"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": moved},
+        "spec": {
+            "nodeName": node_a,
+            "serviceAccountName": PLUGIN_SA,
+            "containers": [{"name": "c", "image": "busybox", "imagePullPolicy": "IfNotPresent"}],
+        },
+    }
+    cp.kubectl("create", "-f", "-", input=json.dumps(pod))
+    to_pod = ["--bound-object-kind", "Pod", "--bound-object-name", pod_name]
+    token = cp.kubectl("create", "token", PLUGIN_SA, "-n", moved, *to_pod).stdout.strip()
+    plugin = PluginIdentity(cp, token, tmp_path / "plugin.kubeconfig")
+    try:
+        own = plugin.create(_slice(f"{unique_name}-a-slice", node_a))
+        assert own.returncode == 0, own.stderr  # RBAC of the overlay works
+        denied = plugin.create(_slice(f"{unique_name}-b-slice", node_b))
+        assert denied.returncode != 0, "the moved plugin wrote another node's slice"
+        assert f"on node {node_a} may only write ResourceSlices of that node" in denied.stderr
+    finally:
+        cp.kubectl("delete", "resourceslice", f"{unique_name}-a-slice", "--ignore-not-found")
+        cp.kubectl("delete", "resourceslice", f"{unique_name}-b-slice", "--ignore-not-found")
+        cp.kubectl("delete", "clusterrolebinding", f"{unique_name}-plugin")
+        cp.kubectl("delete", "namespace", moved, "--wait=false")
+        cp.kubectl("delete", "node", node_a, node_b)

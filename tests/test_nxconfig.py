@@ -11,6 +11,7 @@ import pytest
 from controller.nxconfig import (
     API_VERSION,
     DEFAULT_LOG_FILE,
+    IBM_API_VERSION,
     KIND,
     NX_CONFIG_FIELDS,
     NxConfig,
@@ -223,7 +224,8 @@ def test_per_direction_modes_from_different_configs_combine() -> None:
 
 def test_the_field_table_describes_every_nxconfig_attribute_once() -> None:
     attrs = [f.attr for f in NX_CONFIG_FIELDS]
-    assert sorted(attrs) == sorted(f.name for f in dataclasses.fields(NxConfig))
+    settings = [f.name for f in dataclasses.fields(NxConfig) if f.name != "notes"]
+    assert sorted(attrs) == sorted(settings)
     assert len({f.name for f in NX_CONFIG_FIELDS}) == len(NX_CONFIG_FIELDS)
 
 
@@ -232,3 +234,132 @@ def test_the_field_table_documents_name_type_env_and_meaning() -> None:
         assert f.env.startswith("NX_GZIP_")
         assert f.type and f.meaning and f.default
         assert f.name[0].islower() and "_" not in f.name
+
+
+# --- IBM's driver's NxConfig: accepted, without effect -----------------------------------
+
+IBM_HEADER = {"apiVersion": IBM_API_VERSION, "kind": KIND}
+
+
+@pytest.mark.parametrize(
+    "sharing",
+    [
+        {"strategy": "TimeSlicing"},
+        {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Default"}},
+        {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Short"}},
+        {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Medium"}},
+        {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+        {"strategy": "SpacePartitioning"},
+        {"strategy": "SpacePartitioning", "spacePartitioningConfig": {"partitionCount": 4}},
+        {"strategy": "SpacePartitioning", "spacePartitioningConfig": {"partitionCount": 0}},
+    ],
+)
+def test_ibm_sharing_configs_are_accepted_and_set_nothing(sharing: dict[str, Any]) -> None:
+    cfg = decode_nx_config({**IBM_HEADER, "sharing": sharing})
+    assert cfg == NxConfig()
+    assert nx_config_env(cfg) == nx_config_env(NxConfig())  # nothing reaches the container
+
+
+def test_ibm_sharing_is_noted_as_without_effect_and_credits_named_instead() -> None:
+    cfg = decode_nx_config(
+        {
+            **IBM_HEADER,
+            "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+        }
+    )
+    (note,) = cfg.notes
+    assert note.startswith("parameters.sharing (TimeSlicing, interval Long) has no effect")
+    assert "credits" in note
+
+
+def test_an_ibm_config_without_sharing_is_accepted_without_a_note() -> None:
+    assert decode_nx_config(dict(IBM_HEADER)).notes == ()
+    assert decode_nx_config({**IBM_HEADER, "sharing": None}).notes == ()
+
+
+def test_ibm_configs_merge_with_ours_and_only_ours_take_effect() -> None:
+    ibm = decode_nx_config({**IBM_HEADER, "sharing": {"strategy": "SpacePartitioning"}})
+    ours = decode_nx_config(params(verbose=1))
+    assert merge_nx_configs([ibm, ours]) == NxConfig(verbose=1)
+    assert merge_nx_configs([ours, ibm]) == NxConfig(verbose=1)
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (
+            {**IBM_HEADER, "sharing": {"strategy": "RoundRobin"}},
+            'parameters.sharing.strategy: must be one of "TimeSlicing", "SpacePartitioning"',
+        ),
+        ({**IBM_HEADER, "sharing": {}}, "parameters.sharing.strategy: must be one of"),
+        ({**IBM_HEADER, "sharing": "TimeSlicing"}, "parameters.sharing: must be an object"),
+        (
+            {
+                **IBM_HEADER,
+                "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Tiny"}},
+            },
+            'parameters.sharing.timeSlicingConfig.interval: must be one of "Default"',
+        ),
+        (
+            {
+                **IBM_HEADER,
+                "sharing": {
+                    "strategy": "TimeSlicing",
+                    "spacePartitioningConfig": {"partitionCount": 2},
+                },
+            },
+            'parameters.sharing.spacePartitioningConfig: cannot be used with strategy "TimeSlicing"',
+        ),
+        (
+            {
+                **IBM_HEADER,
+                "sharing": {
+                    "strategy": "SpacePartitioning",
+                    "timeSlicingConfig": {"interval": "Long"},
+                },
+            },
+            "parameters.sharing.timeSlicingConfig: cannot be used with strategy",
+        ),
+        (
+            {
+                **IBM_HEADER,
+                "sharing": {
+                    "strategy": "SpacePartitioning",
+                    "spacePartitioningConfig": {"partitionCount": -1},
+                },
+            },
+            "parameters.sharing.spacePartitioningConfig.partitionCount: must be an integer >= 0",
+        ),
+        (
+            {
+                **IBM_HEADER,
+                "sharing": {
+                    "strategy": "SpacePartitioning",
+                    "spacePartitioningConfig": {"partitionCount": "2"},
+                },
+            },
+            "parameters.sharing.spacePartitioningConfig.partitionCount: must be an integer",
+        ),
+        (
+            {**IBM_HEADER, "sharing": {"strategy": "TimeSlicing", "timeslicingConfig": {}}},
+            "parameters.sharing.timeslicingConfig: unknown field of IBM's",
+        ),
+        ({**IBM_HEADER, "verbose": 1}, "parameters.verbose: unknown field of IBM's"),
+        (
+            {"apiVersion": "device.power.ibm.com/v1", "kind": KIND},
+            f'parameters.apiVersion: must be "{API_VERSION}", got "device.power.ibm.com/v1"',
+        ),
+        (
+            {"apiVersion": IBM_API_VERSION, "kind": "GpuConfig"},
+            'parameters.kind: must be "NxConfig", got "GpuConfig"',
+        ),
+        (
+            params(sharing={"strategy": "TimeSlicing"}),
+            f'parameters.sharing: not a field of "{API_VERSION}" NxConfig; it belongs to IBM',
+        ),
+    ],
+)
+def test_invalid_ibm_configs_are_rejected_naming_the_field(obj: Any, message: str) -> None:
+    with pytest.raises(NxConfigError) as excinfo:
+        decode_nx_config(obj)
+    assert str(excinfo.value).startswith(message), str(excinfo.value)

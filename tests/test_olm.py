@@ -11,11 +11,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 
+from controller.apiclient import ApiClient
+from controller.errors import NotFound
+from controller.names import DRIVER_NAME as DRIVER
 from controller.operator import parse_plugin_daemonset_config, plugin_daemonset
-from tests.harness.cluster import REPO, ControlPlane
+from controller.resources import CLUSTERROLES, DAEMONSETS, DEPLOYMENTS, resource_kinds
+from tests.harness.cluster import REPO, ControlPlane, write_kubeconfig
 from tests.rendering import (
     CONTROLLER_SA,
     MANIFESTS,
@@ -31,6 +36,7 @@ from tests.rendering import (
     server_dry_run,
     tool,
 )
+from tests.test_controller_hostile_objects import run_controller
 
 CSV_FILE = OLM_BUNDLE / "manifests" / "power-dra-driver.clusterserviceversion.yaml"
 # Printed on every run of the deprecated "operatorhub" validator; not about us.
@@ -53,6 +59,11 @@ def bundle_objects() -> list[Obj]:
 @pytest.fixture(scope="module")
 def base() -> list[Obj]:
     return kustomize(MANIFESTS / "base")
+
+
+@pytest.fixture(scope="module")
+def openshift() -> list[Obj]:
+    return kustomize(MANIFESTS / "openshift")
 
 
 def _strategy(csv: Obj) -> Obj:
@@ -219,10 +230,8 @@ def test_operator_makes_the_same_plugin_daemonset_as_the_plain_install(
         assert made_c[field] == plain_c[field], field
     by_path = {m["mountPath"]: m for m in made_c["volumeMounts"]}
     assert by_path == {m["mountPath"]: m for m in plain_c["volumeMounts"]}
-    # Only the SELinux type differs: OLM cannot ship our SCC (manifests/README.md).
-    made_sc = dict(made_c["securityContext"])
-    assert made_sc.pop("seLinuxOptions") == {"type": "spc_t"}
-    assert made_sc == plain_c["securityContext"]
+    # No SELinux type of its own: the narrow SCC fills it in, as in the openshift overlay.
+    assert made_c["securityContext"] == plain_c["securityContext"]
 
 
 # --- RBAC: the same grants as the plain install ---------------------------------------
@@ -239,29 +248,73 @@ def _grants(rules: list[Obj]) -> set[tuple[str, str, str, str]]:
     }
 
 
-def test_controller_cluster_permissions_equal_the_plain_cluster_role(
+def test_install_modes_are_own_namespace_only(csv: Obj) -> None:
+    # AllNamespaces (or Multi/SingleNamespace) would make OLM grant the namespaced
+    # rights (DaemonSets, the SCC) in other or all namespaces.
+    modes = {m["type"]: m["supported"] for m in csv["spec"]["installModes"]}
+    assert modes == {
+        "OwnNamespace": True,
+        "SingleNamespace": False,
+        "MultiNamespace": False,
+        "AllNamespaces": False,
+    }
+
+
+def test_controller_cluster_permissions_equal_the_plain_cluster_role_and_the_owner(
     csv: Obj, base: list[Obj]
 ) -> None:
-    ours = _rules_of(_strategy(csv)["clusterPermissions"], CONTROLLER_SA)
-    assert _grants(ours) == _grants(one(base, "ClusterRole", CONTROLLER_SA)["rules"])
+    ours = _grants(_rules_of(_strategy(csv)["clusterPermissions"], CONTROLLER_SA))
+    plain = _grants(one(base, "ClusterRole", CONTROLLER_SA)["rules"])
+    assert ours - plain == {
+        ("rbac.authorization.k8s.io", "clusterroles", "get", "power-dra-driver-owner")
+    }
+    assert plain <= ours
 
 
-def test_controller_namespace_permissions_add_only_the_plugin_daemonset(
+def test_controller_namespace_permissions_add_only_the_plugin_daemonset_and_its_owner(
     csv: Obj, base: list[Obj]
 ) -> None:
     ours = _grants(_rules_of(_strategy(csv)["permissions"], CONTROLLER_SA))
     plain = _grants(one(base, "Role", "power-dra-controller-leader-election")["rules"])
-    assert {(g, r) for g, r, _, _ in ours - plain} == {("apps", "daemonsets")}
-    assert plain <= ours
-
-
-def test_plugin_service_account_gets_the_plain_grants_and_an_scc(csv: Obj, base: list[Obj]) -> None:
-    ours = _grants(_rules_of(_strategy(csv)["clusterPermissions"], PLUGIN_SA))
-    plain = _grants(one(base, "ClusterRole", PLUGIN_SA)["rules"])
     assert ours - plain == {
-        ("security.openshift.io", "securitycontextconstraints", "use", "privileged")
+        ("apps", "daemonsets", "list", "*"),
+        ("apps", "daemonsets", "watch", "*"),
+        ("apps", "daemonsets", "create", "*"),
+        ("apps", "daemonsets", "delete", "*"),
+        ("apps", "daemonsets", "patch", "power-dra-kubeletplugin"),
+        ("apps", "deployments", "get", "power-dra-controller"),
     }
     assert plain <= ours
+
+
+def test_plugin_gets_the_plain_grants_and_only_the_narrow_scc_in_its_namespace(
+    csv: Obj, base: list[Obj], openshift: list[Obj]
+) -> None:
+    strategy = _strategy(csv)
+    ours = _grants(_rules_of(strategy["clusterPermissions"], PLUGIN_SA))
+    assert ours == _grants(one(base, "ClusterRole", PLUGIN_SA)["rules"])
+    namespaced = _grants(_rules_of(strategy["permissions"], PLUGIN_SA))
+    scc = one(openshift, "SecurityContextConstraints")
+    assert namespaced == {
+        ("security.openshift.io", "securitycontextconstraints", "use", scc["metadata"]["name"])
+    }
+    assert scc["allowPrivilegedContainer"] is False
+    assert "privileged" not in json.dumps(strategy["clusterPermissions"])
+    assert "privileged" not in json.dumps(strategy["permissions"])
+
+
+def test_plugin_config_leaves_the_selinux_type_to_the_scc(bundle_objects: list[Obj]) -> None:
+    assert "seLinuxOptions" not in _plugin_config(bundle_objects)
+
+
+def test_the_device_class_owner_ships_in_the_bundle_and_grants_nothing(
+    csv: Obj, bundle_objects: list[Obj]
+) -> None:
+    owner = one(bundle_objects, "ClusterRole", "power-dra-driver-owner")
+    assert owner["rules"] == []
+    env = env_of(container(_controller_deployment(csv)))
+    assert env["OWNER_CLUSTER_ROLE"] == owner["metadata"]["name"]
+    assert env["OWNER_DEPLOYMENT"] == _strategy(csv)["deployments"][0]["name"]
 
 
 # --- against the API server -------------------------------------------------------
@@ -326,3 +379,122 @@ def test_csv_and_its_objects_pass_server_side_dry_run(
     assert out.returncode == 0, out.stdout + out.stderr
     applied = [line for line in out.stdout.splitlines() if "serverside-applied" in line]
     assert len(applied) == len(objs), out.stdout
+
+
+def _olm_rbac(csv: Obj, namespace: str) -> list[Obj]:
+    """The (Cluster)Roles and bindings OLM makes of the install strategy (OwnNamespace)."""
+    objs: list[Obj] = []
+    rbac = "rbac.authorization.k8s.io/v1"
+    strategy = _strategy(csv)
+    for scope, entries in (
+        ("Cluster", strategy["clusterPermissions"]),
+        ("", strategy["permissions"]),
+    ):
+        for entry in entries:
+            sa = entry["serviceAccountName"]
+            name = f"{namespace}-{sa}"
+            meta: Obj = {"name": name} if scope else {"name": name, "namespace": namespace}
+            objs.append(
+                {
+                    "apiVersion": rbac,
+                    "kind": f"{scope}Role",
+                    "metadata": meta,
+                    "rules": entry["rules"],
+                }
+            )
+            objs.append(
+                {
+                    "apiVersion": rbac,
+                    "kind": f"{scope}RoleBinding",
+                    "metadata": meta,
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": f"{scope}Role",
+                        "name": name,
+                    },
+                    "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
+                }
+            )
+    return objs
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_uninstall_removes_the_plugin_daemonset_and_the_device_class(
+    control_plane: ControlPlane,
+    *,
+    api: ApiClient,
+    csv: Obj,
+    bundle_objects: list[Obj],
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """An OwnNamespace install as OLM makes it; the controller runs as its ServiceAccount with
+    exactly the CSV's rules; removing what OLM removes with the CSV removes the rest."""
+    cp = control_plane
+    ns = unique_name
+    ensure_namespace(cp, ns)
+    deployment = _controller_deployment(csv)
+    deployment["metadata"]["namespace"] = ns
+    deployment["spec"] = {**deployment["spec"], "replicas": 0}  # no kubelet here to run it
+    owner_role = one(bundle_objects, "ClusterRole", "power-dra-driver-owner")
+    config_map = one(bundle_objects, "ConfigMap", "power-dra-plugin-daemonset")
+    config_map = {**config_map, "metadata": {**config_map["metadata"], "namespace": ns}}
+    sas = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}}
+        for sa in (CONTROLLER_SA, PLUGIN_SA)
+    ]
+    cp.apply([*sas, *_olm_rbac(csv, ns), owner_role, config_map, deployment])
+    token = cp.kubectl("create", "token", CONTROLLER_SA, "-n", ns, "--duration=1h").stdout.strip()
+    kubeconfig = write_kubeconfig(
+        tmp_path / "controller.kubeconfig", cp.server, cp.ca_file, token, CONTROLLER_SA
+    )
+    config_file = tmp_path / "plugin-daemonset.yaml"
+    config_file.write_text(config_map["data"]["plugin-daemonset.yaml"])
+    c = container(deployment)
+    env = {k: str(v) for k, v in env_of(c).items() if isinstance(v, str)}
+    env.update({"PLUGIN_DAEMONSET_CONFIG": str(config_file), "METRICS_BIND_ADDRESS": "0"})
+    daemonsets = DAEMONSETS
+    classes = resource_kinds(await api.resource_api_version())["DeviceClass"]
+    dep_uid = (await api.get(DEPLOYMENTS, deployment["metadata"]["name"], ns))["metadata"]["uid"]
+    role_uid = (await api.get(CLUSTERROLES, "power-dra-driver-owner"))["metadata"]["uid"]
+
+    async def owned(res: Any, name: str, namespace: str | None, uid: str) -> bool:
+        try:
+            obj = await api.get(res, name, namespace)
+        except NotFound:
+            return False
+        return uid in {o["uid"] for o in obj["metadata"].get("ownerReferences") or []}
+
+    async def gone(res: Any, name: str, namespace: str | None) -> bool:
+        try:
+            await api.get(res, name, namespace)
+        except NotFound:
+            return True
+        return False
+
+    async def until(check: Any, what: str, timeout: float = 60) -> None:
+        with anyio.fail_after(timeout):
+            while not await check():
+                await anyio.sleep(0.1)
+
+    try:
+        with run_controller(kubeconfig, ns, *c["args"], env=env) as (_, log_path):
+            try:
+                await until(lambda: owned(daemonsets, PLUGIN_SA, ns, dep_uid), "DaemonSet owned")
+                await until(lambda: owned(classes, DRIVER, None, role_uid), "DeviceClass owned")
+            except TimeoutError:
+                raise AssertionError(log_path.read_text()[-3000:]) from None
+        # What OLM deletes with the CSV: the Deployment and the bundle's ClusterRole.
+        await api.delete(DEPLOYMENTS, deployment["metadata"]["name"], ns)
+        await api.delete(CLUSTERROLES, "power-dra-driver-owner")
+        await until(lambda: gone(daemonsets, PLUGIN_SA, ns), "DaemonSet collected")
+        await until(lambda: gone(classes, DRIVER, None), "DeviceClass collected")
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--wait=false")
+        for obj in _olm_rbac(csv, ns):
+            if obj["kind"].startswith("Cluster"):
+                cp.kubectl(
+                    "delete", obj["kind"].lower(), obj["metadata"]["name"], "--ignore-not-found"
+                )
+        cp.kubectl("delete", "clusterrole", "power-dra-driver-owner", "--ignore-not-found")

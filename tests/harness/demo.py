@@ -222,8 +222,9 @@ def print_slices(cp: ControlPlane) -> None:
         if s["spec"]["driver"] != DRIVER:
             continue
         for d in s["spec"].get("devices", []):
-            cap = (d.get("capacity") or {}).get("credits", {}).get("value", "?")
-            multi = "shared by many pods" if d.get("allowMultipleAllocations") else "exclusive"
+            fields = d.get("basic", d)  # resource.k8s.io/v1beta1 wraps them in `basic`
+            cap = (fields.get("capacity") or {}).get("credits", {}).get("value", "?")
+            multi = "shared by many pods" if fields.get("allowMultipleAllocations") else "exclusive"
             say(f"  {s['spec']['nodeName']:16} device {d['name']:8} credits {cap:>3}  ({multi})")
 
 

@@ -257,8 +257,14 @@ def host_state() -> dict[str, Any]:
     }
 
 
-def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """How `after` differs from `before` (new cgroups only: others may remove theirs)."""
+def host_changes(
+    before: dict[str, Any], after: dict[str, Any], own_cgroup_root: str | None = None
+) -> list[str]:
+    """How `after` differs from `before` (new cgroups only: others may remove theirs).
+
+    With `own_cgroup_root`, the cgroup roots of other harness nodes (another test
+    run on this machine) are not counted: each node's own teardown checks that its
+    root is gone."""
     changes = []
     for tool in sorted(set(before["iptables"]) | set(after["iptables"])):
         if before["iptables"].get(tool) != after["iptables"].get(tool):
@@ -269,6 +275,8 @@ def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     if new_mounts:
         changes.append(f"new host mounts {new_mounts}")
     new_cgroups = sorted(set(after["cgroups"]) - set(before["cgroups"]))
+    if own_cgroup_root is not None:
+        new_cgroups = [c for c in new_cgroups if not _other_nodes_cgroup(c, own_cgroup_root)]
     if new_cgroups:
         changes.append(f"new cgroups {new_cgroups}")
     for kind in ("paths", "sysctl"):
@@ -277,6 +285,12 @@ def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             if now != was:
                 changes.append(f"{key}: {was} -> {now}")
     return changes
+
+
+def _other_nodes_cgroup(path: str, own_root: str) -> bool:
+    """`path` lies under the cgroup root of another harness node than `own_root`."""
+    parts = Path(path).parts
+    return any(p.startswith("power-dra-") and p != own_root for p in parts)
 
 
 # --- processes, namespace, cgroups -----------------------------------------------------
@@ -351,8 +365,11 @@ def _cgroup_procs(name: str) -> list[int]:
     return sorted(pids)
 
 
-def remove_cgroup_root(name: str, timeout: float = 15.0) -> list[str]:
-    """Kill what runs under our cgroup root and remove it everywhere; returns leftovers."""
+def remove_cgroup_root(name: str, timeout: float = 60.0) -> list[str]:
+    """Kill what runs under our cgroup root and remove it everywhere; returns leftovers.
+
+    Under load a killed container's cgroup stays busy for seconds after its last task
+    died, so the loop retries well past that before reporting a leftover."""
     deadline = time.monotonic() + timeout
     left: list[str] = []
     while True:
@@ -595,8 +612,11 @@ class RealNode:
 
     # --- start -------------------------------------------------------------------------
 
-    def start(self) -> RealNode:
-        """Bring the node up: Ready, plugin registered, our slice published."""
+    def start(self, *, with_plugin: bool = True) -> RealNode:
+        """Bring the node up: Ready, plugin registered, our slice published.
+
+        Without `with_plugin`, only until the node is Ready (another driver's
+        plugin, or ours later with `start_plugin`)."""
         missing = missing_requirements()
         if missing:
             raise RuntimeError("cannot run a real node here: " + "; ".join(missing))
@@ -612,8 +632,11 @@ class RealNode:
             self.start_containerd()
             self._import_images()
             self.start_kubelet()
-            self.start_plugin(registered=False)
-            self.wait_ready()
+            if with_plugin:
+                self.start_plugin(registered=False)
+                self.wait_ready()
+            else:
+                self.wait_node_ready()
         except BaseException:
             self.stop()
             raise
@@ -893,6 +916,21 @@ disabled_plugins = [
         self._write_state()
         return plugin
 
+    def wait_node_ready(self, timeout: float = 60.0) -> None:
+        """The Node object says Ready (whatever the DRA plugins do)."""
+
+        def ready() -> bool:
+            kubelet = self.kubelet
+            if kubelet is not None and not kubelet.alive():
+                raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
+            node = self.api.get(f"/api/v1/nodes/{self.name}")
+            conds = {
+                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
+            }
+            return conds.get("Ready") == "True"
+
+        wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Node Ready, our plugin registered with the kubelet, our slice published."""
 
@@ -1022,7 +1060,7 @@ disabled_plugins = [
 
     def host_changes(self) -> list[str]:
         """What differs on the host from before `start` (call after `stop`)."""
-        return host_changes(self.host_before, host_state())
+        return host_changes(self.host_before, host_state(), self.cgroup_root)
 
     def _write_state(self) -> None:
         """What `python -m tests.harness.node down` needs to clean up without us."""
