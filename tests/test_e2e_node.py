@@ -26,7 +26,6 @@ from tests.dra_objects import device_class
 from tests.harness.cluster import ControlPlane
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
-    DEFAULT_CREDITS,
     Api,
     RealNode,
     allow_kubelet_api_access,
