@@ -4,7 +4,8 @@
 Token, token file and client certificates are handled here without importing
 kubernetes-asyncio (importing it costs ~70 MiB and most of a second). Other
 kubeconfig user types (exec plugins, auth providers) are resolved by
-kubernetes-asyncio's loader, imported only then.
+kubernetes-asyncio's loader, imported only then; it is the optional extra
+`exec-auth` (not in the image: in a pod both processes use the service account).
 """
 
 from __future__ import annotations
@@ -159,9 +160,18 @@ def in_cluster_config(sa_dir: Path = SERVICE_ACCOUNT_DIR) -> ClusterConfig:
 
 
 async def _full_loader(path: Path, context: str | None) -> ClusterConfig:
-    # Lazy on purpose: only kubeconfigs with exec plugins or auth providers pay for it.
-    from kubernetes_asyncio import client as k8s_client
-    from kubernetes_asyncio import config as k8s_config
+    # Lazy on purpose: only kubeconfigs with exec plugins or auth providers pay
+    # for it. It is an optional extra, absent from the image (pods use their
+    # service account).
+    try:
+        from kubernetes_asyncio import client as k8s_client
+        from kubernetes_asyncio import config as k8s_config
+    except ImportError as exc:
+        raise ConfigError(
+            f"kubeconfig {path}: its user authenticates with an exec plugin or auth "
+            "provider, which needs kubernetes-asyncio: pip install 'power-dra-driver[exec-auth]' "
+            "(or use a token or client-certificate kubeconfig)"
+        ) from exc
 
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(
