@@ -598,8 +598,12 @@ class RealNode:
 
     # --- start -------------------------------------------------------------------------
 
-    def start(self) -> RealNode:
-        """Bring the node up: Ready, plugin registered, our slice published."""
+    def start(self, host_plugin: bool = True, images: Sequence[Path] = ()) -> RealNode:
+        """Bring the node up: Ready, plugin registered, our slice published.
+
+        Without `host_plugin` no plugin process is started (the plugin comes as the
+        DaemonSet's pod from the driver's image, one of `images`: docker-archive or
+        OCI tarballs imported into containerd); the node is then only Ready."""
         missing = missing_requirements()
         if missing:
             raise RuntimeError("cannot run a real node here: " + "; ".join(missing))
@@ -614,9 +618,14 @@ class RealNode:
             create_cgroup_root(self.cgroup_root)
             self.start_containerd()
             self._import_images()
+            for tarball in images:
+                self.import_image(tarball)
             self.start_kubelet()
-            self.start_plugin(registered=False)
-            self.wait_ready()
+            if host_plugin:
+                self.start_plugin(registered=False)
+                self.wait_ready()
+            else:
+                self.wait_node_ready()
         except BaseException:
             self.stop()
             raise
@@ -807,6 +816,12 @@ disabled_plugins = [
             if image not in names:
                 raise RuntimeError(f"image {image} missing after import: {names}")
 
+    def import_image(self, tarball: Path) -> list[str]:
+        """Import an image tarball into containerd's k8s.io namespace; the names it brought."""
+        before = set(self.ctr("images", "list", "--quiet").split())
+        self.ctr("images", "import", str(tarball))
+        return sorted(set(self.ctr("images", "list", "--quiet").split()) - before)
+
     def _kubelet_config(self) -> Path:
         cp = self.cp
         config = {
@@ -898,6 +913,14 @@ disabled_plugins = [
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Node Ready, our plugin registered with the kubelet, our slice published."""
+        self.wait_node_ready(timeout)
+        assert self.plugin is not None
+        self.plugin.wait_registered(timeout)
+        wait_for("our ResourceSlice", self.slices, timeout, 0.05)
+        self.ready_at = time.monotonic()
+
+    def wait_node_ready(self, timeout: float = 60.0) -> None:
+        """The Node object Ready (kubelet and runtime up, CNI configured)."""
 
         def ready() -> bool:
             kubelet = self.kubelet
@@ -910,9 +933,6 @@ disabled_plugins = [
             return conds.get("Ready") == "True"
 
         wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
-        assert self.plugin is not None
-        self.plugin.wait_registered(timeout)
-        wait_for("our ResourceSlice", self.slices, timeout, 0.05)
         self.ready_at = time.monotonic()
 
     # --- observation ----------------------------------------------------------------------
