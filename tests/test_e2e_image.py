@@ -99,7 +99,9 @@ def _workload(name: str) -> list[dict[str, Any]]:
     # The shipped example's pod, with the local busybox and host network.
     example = next(
         d
-        for d in yaml.safe_load_all((REPO / "manifests/examples/workloads/single-pod.yaml").read_text())
+        for d in yaml.safe_load_all(
+            (REPO / "manifests/examples/workloads/single-pod.yaml").read_text()
+        )
         if d and d["kind"] == "Pod"
     )
     spec = example["spec"]

@@ -15,7 +15,8 @@ the same overlay as a post-renderer of `helm install`):
 - `KUBERNETES_SERVICE_HOST/PORT` = the API server's loopback address (there is
   no kube-proxy, so the `kubernetes` Service's ClusterIP leads nowhere);
 - the plugin's arch nodeSelector = this machine's (it ships as ppc64le);
-- the plugin's `/sys` hostPath = the node's fake Power10 sysfs tree;
+- the plugin's `/sys` hostPath = the node's fake Power10 sysfs tree (bound at
+  the same path in every node's namespace);
 - controller replicas 1, on the real node (the harness's other nodes are
   API objects without a kubelet).
 
@@ -39,7 +40,7 @@ import yaml
 
 from tests.harness.cluster import REPO, ControlPlane, free_port
 from tests.harness.images import oci_arch
-from tests.harness.node import RealNode, wait_for
+from tests.harness.node import NODE_SYSFS, RealNode, wait_for
 from tests.harness.plugin import DRIVER
 
 NAMESPACE = "power-dra-driver"
@@ -58,7 +59,7 @@ class OneMachine:
     image: str  # localhost/power-dra-driver:TAG
     api_host: str
     api_port: int
-    sysfs_root: Path  # the fake Power10 tree, a host path
+    sysfs_root: str  # the fake Power10 tree, as the nodes' namespaces see it
     plugin_port: int
     controller_port: int
     arch: str
@@ -71,7 +72,7 @@ class OneMachine:
             image=image,
             api_host=host,
             api_port=int(port),
-            sysfs_root=node.sysfs_root,
+            sysfs_root=NODE_SYSFS,
             plugin_port=free_port(),
             controller_port=free_port(),
             arch=oci_arch(),
@@ -113,7 +114,7 @@ class OneMachine:
                         "volumes": [
                             {
                                 "name": "host-sys",
-                                "hostPath": {"path": str(self.sysfs_root), "type": "Directory"},
+                                "hostPath": {"path": self.sysfs_root, "type": "Directory"},
                             }
                         ],
                     }
@@ -333,3 +334,51 @@ def container_rss_mib(node: RealNode, script: str) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {script} process in the containers of {node.name}")
+
+
+def pod_log(cp: ControlPlane, pod: dict[str, Any]) -> str:
+    out = cp.kubectl("logs", "-n", NAMESPACE, pod["metadata"]["name"], check=False).stdout
+    return str(out)
+
+
+def wait_plugin_registered(cp: ControlPlane, pod: dict[str, Any], timeout: float = 60) -> None:
+    """The plugin in `pod` says the kubelet registered it."""
+    wait_for(
+        f"kubelet registration of {pod['metadata']['name']}",
+        lambda: "kubelet registered DRA driver" in pod_log(cp, pod),
+        timeout,
+        0.2,
+    )
+
+
+def per_node_daemonsets(objs: list[dict[str, Any]], nodes: Sequence[str]) -> list[dict[str, Any]]:
+    """The plugin DaemonSet split into one per node, each with its own health port.
+
+    Only for several harness nodes on one machine: they share the host network, so
+    one DaemonSet's fixed health port would collide between its pods."""
+    out = [o for o in objs if not (o["kind"] == "DaemonSet" and o["metadata"]["name"] == PLUGIN_DS)]
+    (ds,) = [o for o in objs if o not in out]
+    for node in nodes:
+        copy = json.loads(json.dumps(ds))
+        copy["metadata"]["name"] = f"{PLUGIN_DS}-{node}"
+        extra = {"power-dra-driver.test/node": node}
+        copy["spec"]["selector"]["matchLabels"].update(extra)
+        template = copy["spec"]["template"]
+        template["metadata"]["labels"].update(extra)
+        template["spec"].setdefault("nodeSelector", {})["kubernetes.io/hostname"] = node
+        container = template["spec"]["containers"][0]
+        port = free_port()
+        container["ports"][0]["containerPort"] = port
+        for env in container["env"]:
+            if env["name"] == "METRICS_BIND_ADDRESS":
+                env["value"] = f":{port}"
+        out.append(copy)
+    return out
+
+
+def install_rendered(cp: ControlPlane, objs: list[dict[str, Any]]) -> float:
+    """Server-side apply of rendered objects; returns time.monotonic() after it."""
+    cp.kubectl(
+        "apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs)
+    )
+    return time.monotonic()

@@ -96,6 +96,9 @@ WATCHED_HOST_PATHS = (
 )
 # Paths the namespace covers with its own mounts; the workdir may not be under them.
 COVERED = ("/dev", "/run", "/var/run", "/var/lib", "/var/log", "/proc", "/sys")
+# The node's fake sysfs tree as its namespace sees it, the same path on every node:
+# the plugin DaemonSet's /sys hostPath points here on this machine.
+NODE_SYSFS = "/var/lib/power-dra-fake-sys"
 DEFAULT_CREDITS = 4  # shared mode publishes 4 - 1 reserved = 3 credits
 
 
@@ -680,6 +683,8 @@ class RealNode:
             f"upperdir={w}/overlay/varlib/upper,workdir={w}/overlay/varlib/work /var/lib",
             "mkdir -p /var/lib/kubelet",
             f"mount --bind {self.kubelet_dir} /var/lib/kubelet",
+            f"mkdir -p {NODE_SYSFS}",
+            f"mount --bind {self.sysfs_root} {NODE_SYSFS}",
             f"mount --bind {self.run_dir} /run",
             f"mount --bind {w}/log /var/log",
             *(
