@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,30 @@ def test_image_is_exported_as_a_local_docker_archive(image: BuiltImage) -> None:
     ).stdout
     assert json.loads(manifest)[0]["RepoTags"] == [image.name]
     assert os.path.getsize(image.tarball) > 0
+
+
+def test_a_source_edit_reaches_the_rebuilt_image(
+    image: BuiltImage, buildah: Buildah, tmp_path: Path
+) -> None:
+    # The layer cache must not ship stale code (the trap of RUN --mount=from=...).
+    context = tmp_path / "context"
+    shutil.copytree(
+        REPO,
+        context,
+        ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*_cache", "__pycache__"),
+    )
+    marker = f"EDITED_{os.getpid()}"
+    init = context / "kubeletplugin" / "__init__.py"
+    init.write_text(init.read_text() + f"\n{marker} = True\n")
+    edited = build_image(tag="0.1.0-edited", context=context)
+    try:
+        out = _python(buildah, edited, f"import kubeletplugin; print(kubeletplugin.{marker})")
+        assert out.strip() == "True"
+        out = _python(
+            buildah, image, f"import kubeletplugin; print(hasattr(kubeletplugin, '{marker}'))"
+        )
+        assert out.strip() == "False"
+    finally:
+        buildah.run("rmi", edited.name)
+        edited.tarball.unlink(missing_ok=True)
+        edited.tarball.with_suffix(".json").unlink(missing_ok=True)

@@ -337,18 +337,17 @@ class _CountingWriter:
         pass
 
 
-def build_image(tag: str = DEFAULT_TAG, quiet: bool = True) -> BuiltImage:
-    """Build the driver image from the Containerfile (layer cache on) and export it.
-
-    The tarball is re-exported only when the image ID changed.
+def build_image(tag: str = DEFAULT_TAG, quiet: bool = True, context: Path = REPO) -> BuiltImage:
+    """Build the driver image from the Containerfile of `context` (layer cache on)
+    and export it. The tarball is re-exported only when the image ID changed.
     """
     buildah = Buildah()
     builder, runtime = ensure_standins(buildah)
     name = f"{IMAGE_NAME}:{tag}"
     start = time.monotonic()
     buildah.bud(
-        REPO,
-        REPO / "Containerfile",
+        context,
+        context / "Containerfile",
         name,
         build_args={"BUILDER_IMAGE": builder, "RUNTIME_IMAGE": runtime, "VERSION": tag},
         quiet=quiet,
