@@ -190,3 +190,39 @@ def test_a_source_edit_reaches_the_rebuilt_image(
         buildah.run("rmi", edited.name)
         edited.tarball.unlink(missing_ok=True)
         edited.tarball.with_suffix(".json").unlink(missing_ok=True)
+
+
+def test_controller_in_the_image_says_how_to_get_exec_plugin_kubeconfigs(
+    image: BuiltImage, buildah: Buildah, tmp_path: Path
+) -> None:
+    # kubernetes-asyncio is the optional extra `exec-auth`, not in the image.
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [
+            {
+                "name": "u",
+                "user": {
+                    "exec": {
+                        "apiVersion": "client.authentication.k8s.io/v1",
+                        "command": "/bin/true",
+                    }
+                },
+            }
+        ],
+    }
+    folder = tmp_path / "kubeconfig"
+    folder.mkdir()
+    (folder / "config").write_text(json.dumps(kubeconfig))
+    folder.chmod(0o755)
+    (folder / "config").chmod(0o644)
+    proc = buildah.run_in(
+        image.name,
+        ["power-dra-controller", "--kubeconfig=/kc/config"],
+        volumes=[f"{folder}:/kc:ro"],
+    )
+    assert proc.returncode != 0
+    assert "pip install 'power-dra-driver[exec-auth]'" in proc.stdout + proc.stderr
