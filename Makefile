@@ -12,7 +12,7 @@ export K8S_RELEASE
 export K8S_MATRIX
 
 .PHONY: all venv deps test lint typecheck proto proto-check pytest k8s-bins k8s-bins-matrix tools \
-        cluster-up cluster-down node-up node-down dev-setup dev-teardown demo bench clean
+        cluster-up cluster-down node-up node-down dev-setup dev-teardown demo bench clean image
 
 all: test
 
@@ -24,9 +24,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# Debian packages the tests need (etcd for the control plane). Needs root.
+# Debian packages the tests and the image build need (etcd, buildah, debootstrap,
+# qemu-user-static unpacked into the cache). Idempotent; needs root.
 deps:
 	hack/install-deps.sh
+
+# The driver's image from the Containerfile (buildah, local stand-ins for the
+# UBI bases, no registry): prints the docker-archive tarball and figures.
+image: deps venv
+	$(PY) -m tests.harness.driver_image build
 
 tools:
 	hack/build-tools.sh
@@ -52,7 +58,7 @@ proto: venv
 proto-check: venv
 	$(PY) hack/gen_proto.py --check
 
-pytest: venv k8s-bins k8s-bins-matrix
+pytest: deps venv k8s-bins k8s-bins-matrix
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # The README's test command: lint, types, generated-code check, all tests.
@@ -65,7 +71,7 @@ cluster-down: venv
 	$(PY) -m tests.harness.cluster down
 
 # A real node (kubelet + containerd with CDI + our plugin) in a private mount namespace.
-node-up: venv k8s-bins
+node-up: deps venv k8s-bins
 	hack/fetch-containerd.sh >/dev/null
 	$(PY) -m tests.harness.node up
 
@@ -75,13 +81,13 @@ node-down: venv
 # The local development cluster (the old driver's names): the demo's set-up left
 # running: control plane, manifests/base installed, the controller, and real nodes
 # running our plugin (with their DaemonSet pods' identities), examples applied.
-dev-setup: venv k8s-bins
+dev-setup: deps venv k8s-bins
 	$(PY) -m tests.harness.demo --keep
 
 dev-teardown: venv
 	$(PY) -m tests.harness.demo --down
 
-demo: venv k8s-bins
+demo: deps venv k8s-bins
 	$(PY) -m tests.harness.demo
 
 bench: venv k8s-bins

@@ -4,7 +4,9 @@
 Token, token file, client certificates and exec credential plugins are
 handled here without importing kubernetes-asyncio (importing it costs ~70 MiB
 and most of a second); auth providers (deprecated upstream) are resolved by
-kubernetes-asyncio's loader, imported only then.
+kubernetes-asyncio's loader, imported only then; it is the optional extra
+`auth-provider` (not in the image: in a pod both processes use the service
+account).
 
 Inline credentials (`*-data`) stay in memory: nothing is written to disk.
 An exec plugin's credential is cached until it expires (or the server
@@ -337,9 +339,17 @@ def in_cluster_config(sa_dir: Path = SERVICE_ACCOUNT_DIR) -> ClusterConfig:
 
 
 async def _full_loader(path: Path, context: str | None) -> ClusterConfig:
-    # Lazy on purpose: only kubeconfigs with exec plugins or auth providers pay for it.
-    from kubernetes_asyncio import client as k8s_client
-    from kubernetes_asyncio import config as k8s_config
+    # Lazy on purpose: only kubeconfigs with auth providers pay for it. It is an optional extra, absent from the image (pods use their
+    # service account).
+    try:
+        from kubernetes_asyncio import client as k8s_client
+        from kubernetes_asyncio import config as k8s_config
+    except ImportError as exc:
+        raise ConfigError(
+            f"kubeconfig {path}: its user authenticates with an auth provider, which needs "
+            "kubernetes-asyncio: pip install 'power-dra-driver[auth-provider]' (or use a "
+            "token, client-certificate or exec-plugin kubeconfig)"
+        ) from exc
 
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(

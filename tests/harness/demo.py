@@ -2,16 +2,16 @@
 """`make demo`: the driver's main job on an embedded local setup.
 
 Starts the real control plane (etcd, kube-apiserver, kube-scheduler,
-kube-controller-manager), installs `manifests/base` with server-side apply and
-runs the controller as a process with its ServiceAccount token. Then, where
-this machine can run a real node (root, unshare, runc, CNI plugins,
-busybox-static, containerd from hack/fetch-containerd.sh):
+kube-controller-manager). Then, where this machine can run a real node (root, unshare, runc, CNI
+plugins, busybox-static, containerd from hack/fetch-containerd.sh, buildah):
 
+- the driver's image, built from the Containerfile (tests/harness/driver_image.py);
 - two real nodes, `node-0` and `node-1` (tests/harness/node.py: kubelet +
-  containerd with CDI + our plugin, each in a private mount namespace, with a
-  fake NX-gzip sysfs tree and device node); each plugin runs with the UID of
-  the plugin DaemonSet's pod on its node and a ServiceAccount token bound to
-  that pod, as in the DaemonSet;
+  containerd with CDI, each in a private mount namespace, with a fake NX-gzip
+  sysfs tree and device node), the image imported into their containerd;
+- `manifests/base` installed with a generated overlay of the one-machine
+  changes only (tests/harness/image_install.py): the plugin DaemonSet's pods
+  and the controller Deployment's pod run from the image under the kubelets;
 - `manifests/examples` with the pods rewritten for this machine (the local
   busybox image, `imagePullPolicy: Never`, `hostNetwork: true`); the kubelets
   prepare the claims with our plugins and start the containers;
@@ -20,7 +20,8 @@ busybox-static, containerd from hack/fetch-containerd.sh):
   tears it all down, checking that the nodes left the host as it was.
 
 Elsewhere (or with `--fake-nodes`) the nodes are plain Node objects, one
-plugin process each, and the demo plays the kubelet's gRPC part (grpcio).
+plugin process each and the controller as a process with its ServiceAccount
+token, and the demo plays the kubelet's gRPC part (grpcio).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.parse
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -53,10 +55,23 @@ from tests.harness.cluster import (
     write_kubeconfig,
     yaml_stream,
 )
-from tests.harness.images import BUSYBOX_IMAGE, oci_arch
+from tests.harness.driver_image import build_image
+from tests.harness.image_install import (
+    BASE,
+    CONTROLLER_LABEL,
+    PLUGIN_LABEL,
+    OneMachine,
+    container_rss_mib,
+    install_rendered,
+    per_node_daemonsets,
+    pod_log,
+    wait_plugin_registered,
+    wait_running,
+    write_overlay,
+)
+from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     Api,
-    NodePlugin,
     RealNode,
     allow_kubelet_api_access,
     down_from_state,
@@ -71,7 +86,6 @@ FAKE_NODES = {"power10-lpar-a": 10, "power10-lpar-b": 6}  # node -> NX-gzip defa
 REAL_NODES = {"node-0": 10, "node-1": 6}
 NAMESPACE = "power-dra-driver"
 EXAMPLES_NS = "nx-examples"
-PLUGIN_LABEL = "app.kubernetes.io/component=kubeletplugin"
 WORKDIR = REPO / ".cache" / "demo"
 # What the demo runs in one example container (`kubectl exec`).
 EXEC_SCRIPT = "ls -l /dev/crypto/nx-gzip; env | grep '^NX_' | sort"
@@ -208,6 +222,8 @@ def real_node_unavailable() -> str:
     missing = missing_requirements()
     if missing:
         return "this machine lacks " + "; ".join(missing)
+    if not shutil.which("buildah") or not shutil.which("debootstrap"):
+        return "this machine lacks buildah and debootstrap (hack/install-deps.sh) for the image"
     try:
         ensure_containerd()
         ensure_binaries(("kubelet", "kubectl"))
@@ -240,11 +256,13 @@ def claim_statuses(cp: ControlPlane) -> list[tuple[str, str]]:
 STATUS_DROPPED = "the API server dropped status.devices"
 
 
-def print_claim_statuses(cp: ControlPlane, expected: int, controller_log: Path) -> None:
+def print_claim_statuses(
+    cp: ControlPlane, expected: int, controller_log: Callable[[], str]
+) -> None:
     say("\n-- claim status written by the controller (status.devices) --")
 
     def dropped() -> str:
-        log = controller_log.read_text(errors="replace") if controller_log.exists() else ""
+        log = controller_log()
         return next((line for line in log.splitlines() if STATUS_DROPPED in line), "")
 
     def settled() -> tuple[list[tuple[str, str]], str] | None:
@@ -325,41 +343,6 @@ def start_controller(cp: ControlPlane) -> Process:
 # --- the real nodes ----------------------------------------------------------------------
 
 
-class DemoNode(RealNode):
-    """A real node whose plugin runs as the DaemonSet's pod would: with the UID of the
-    DaemonSet's pod on this node and a ServiceAccount token bound to that pod."""
-
-    def __init__(self, cp: ControlPlane, name: str, credits: int) -> None:
-        super().__init__(cp, WORKDIR / name, name, total_credits=credits)
-        self.daemonset_pod = ""
-
-    def _daemonset_pod(self) -> dict[str, Any] | None:
-        query = urllib.parse.urlencode(
-            {"labelSelector": PLUGIN_LABEL, "fieldSelector": f"spec.nodeName={self.name}"}
-        )
-        items = self.api.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?{query}")["items"]
-        return items[0] if items else None
-
-    def start_plugin(
-        self, pod_uid: str | None = None, registered: bool = True, kubeconfig: str | None = None
-    ) -> NodePlugin:
-        kubelet = self.kubelet
-
-        def scheduled() -> dict[str, Any] | None:
-            if kubelet is not None and not kubelet.alive():
-                raise RuntimeError(f"kubelet of {self.name} exited:\n{kubelet.tail(40)}")
-            return self._daemonset_pod()
-
-        # The kubelet registers the Node; then the DaemonSet controller adds its pod.
-        pod = wait(f"plugin DaemonSet pod on {self.name}", scheduled, 60, 0.1)
-        self.daemonset_pod = pod["metadata"]["name"]
-        return super().start_plugin(
-            pod_uid or pod["metadata"]["uid"],
-            registered,
-            kubeconfig or bound_plugin_kubeconfig(self.cp, self.name, self.daemonset_pod),
-        )
-
-
 def pod_ready(pod: dict[str, Any]) -> bool:
     conds = pod.get("status", {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
@@ -416,7 +399,7 @@ def apply_examples(cp: ControlPlane, examples: list[dict[str, Any]]) -> None:
     apply_objects(cp, [o for o in examples if o["kind"] == "Pod"])
 
 
-def wait_for_example_pods(api: Api, nodes: list[DemoNode], count: int) -> list[dict[str, Any]]:
+def wait_for_example_pods(api: Api, nodes: Sequence[RealNode], count: int) -> list[dict[str, Any]]:
     """Until `count` example pods exist and each is Ready or unschedulable."""
 
     def settled() -> list[dict[str, Any]] | None:
@@ -445,7 +428,7 @@ def wait_for_example_pods(api: Api, nodes: list[DemoNode], count: int) -> list[d
     return pods
 
 
-def stop_real_nodes(nodes: list[DemoNode]) -> list[str]:
+def stop_real_nodes(nodes: Sequence[RealNode]) -> list[str]:
     """Stop the nodes, then compare the host with before each one started."""
     problems = []
     for node in nodes:
@@ -461,45 +444,65 @@ def stop_real_nodes(nodes: list[DemoNode]) -> list[str]:
 
 def run_real_nodes(cp: ControlPlane) -> None:
     api = Api(cp)
-    allow_kubelet_api_access(cp)  # kubectl exec: the API server calls the kubelet
-    base = render(cp, REPO / "manifests" / "base")
-    for obj in base:
-        spec = pod_spec(obj)
-        if spec is None:
-            continue
-        for_this_machine(spec)
-        if obj["kind"] == "DaemonSet":  # the real nodes are this machine's architecture
-            spec.setdefault("nodeSelector", {})["kubernetes.io/arch"] = oci_arch()
-    apply_objects(cp, base)
-    say(
-        "installed manifests/base (server-side apply): namespace, RBAC, DeviceClass, "
-        "plugin DaemonSet, controller Deployment, slice admission policy"
-    )
-    say(
-        "  for this machine their pods get hostNetwork and imagePullPolicy Never (and the "
-        "DaemonSet this\n  machine's architecture); the driver's image is not here, so the "
-        "plugins and the controller\n  run as processes, each plugin with the UID of its "
-        "node's DaemonSet pod and a token bound to it"
-    )
-    processes = [start_controller(cp)]
-    nodes = [DemoNode(cp, name, credits) for name, credits in REAL_NODES.items()]
+    allow_kubelet_api_access(cp)  # kubectl exec and logs: the API server calls the kubelet
+    say("building the driver's image from the Containerfile (buildah, cached layers) ...")
+    image = build_image()
+    for line in image.figures().splitlines():
+        say(f"  {line}")
+    nodes = [
+        RealNode(cp, WORKDIR / name, name, total_credits=credits)
+        for name, credits in REAL_NODES.items()
+    ]
+    processes: list[Process] = []
     problems: list[str] = []
     try:
         say(
-            f"starting real nodes {', '.join(REAL_NODES)}: kubelet + containerd (CDI) + our "
-            "plugin, each in a private mount namespace,\n  fake Power10 sysfs (credits "
+            f"starting real nodes {', '.join(REAL_NODES)}: kubelet + containerd (CDI), each "
+            "in a private mount namespace,\n  fake Power10 sysfs (credits "
             + ", ".join(f"{n}: {c}" for n, c in REAL_NODES.items())
-            + ") and /dev/crypto/nx-gzip ..."
+            + ") and /dev/crypto/nx-gzip; the image imported into containerd ..."
         )
         started = time.monotonic()
         with ThreadPoolExecutor(len(nodes)) as pool:
-            for future in [pool.submit(node.start) for node in nodes]:
+            for future in [
+                pool.submit(node.start, with_plugin=False, images=[image.tarball]) for node in nodes
+            ]:
                 future.result()
+        machine = OneMachine.for_node(cp, nodes[0], image.name)
+        overlay = write_overlay(
+            WORKDIR / "overlay", [os.path.relpath(BASE, WORKDIR / "overlay")], machine
+        )
+        # Two nodes on one host network: one plugin DaemonSet per node (own health port).
+        objs = per_node_daemonsets(render(cp, overlay), [n.name for n in nodes])
+        applied_at = install_rendered(cp, objs)
+        say(
+            "installed manifests/base (server-side apply of a generated overlay): namespace, "
+            "RBAC, plugin DaemonSet,\n  controller Deployment, slice admission policy; the "
+            "one-machine changes: image "
+            f"{image.name} (pull Never),\n  hostNetwork, KUBERNETES_SERVICE_HOST/PORT = "
+            f"{machine.api_host}:{machine.api_port}, free health/metrics ports, the DaemonSet's"
+            f"\n  arch = {machine.arch}, /sys hostPath = the node's fake tree, controller "
+            f"replicas 1 on {nodes[0].name};\n  and as both nodes share this machine's network, "
+            "the DaemonSet split into one per node (each its own health port)"
+        )
         for node in nodes:
+            pod = wait_running(cp, node, PLUGIN_LABEL)
+            wait_plugin_registered(cp, pod)
+            wait(f"the slice of {node.name}", node.slices, 60, 0.05)
             say(
                 f"  {node.name}: Ready in {time.monotonic() - started:.0f}s; plugin registered "
-                f"with the kubelet (DaemonSet pod {node.daemonset_pod})"
+                f"with the kubelet (DaemonSet pod {pod['metadata']['name']}, from the image)"
             )
+        say(
+            f"  DaemonSet applied -> slices of both nodes visible in {time.monotonic() - applied_at:.1f}s"
+        )
+        controller = wait_running(cp, nodes[0], CONTROLLER_LABEL)
+        say(f"  controller pod {controller['metadata']['name']} Ready (leader election on)")
+        say(
+            "  RSS in their containers: plugin "
+            f"{container_rss_mib(nodes[0], 'power-dra-kubeletplugin'):.1f} MiB, controller "
+            f"{container_rss_mib(nodes[0], 'power-dra-controller'):.1f} MiB"
+        )
         print_slices(cp)
 
         examples = render(cp, cp.release.examples)
@@ -564,7 +567,7 @@ def run_real_nodes(cp: ControlPlane) -> None:
         else:
             say("\nERROR: no example pod is Running")
 
-        print_claim_statuses(cp, len(rows), processes[0].log_path)
+        print_claim_statuses(cp, len(rows), lambda: pod_log(cp, controller))
         print_pending(cp)
         say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:
@@ -678,7 +681,12 @@ def run_fake_nodes(cp: ControlPlane) -> None:
             first = rows[0]
             spec_file = plugins[first["node"]].cdi_root / spec_file_name(first["uid"])
             print_cdi_spec(spec_file, first["pod"])
-        print_claim_statuses(cp, len(rows), processes[0].log_path)
+        controller_log = processes[0].log_path
+        print_claim_statuses(
+            cp,
+            len(rows),
+            lambda: controller_log.read_text(errors="replace") if controller_log.exists() else "",
+        )
         print_pending(cp)
         say("\ndemo done: " + ("left running (--keep)" if Mode.keep else "tearing down"))
     finally:

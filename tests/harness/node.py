@@ -96,6 +96,9 @@ WATCHED_HOST_PATHS = (
 )
 # Paths the namespace covers with its own mounts; the workdir may not be under them.
 COVERED = ("/dev", "/run", "/var/run", "/var/lib", "/var/log", "/proc", "/sys")
+# The node's fake sysfs tree as its namespace sees it, the same path on every node:
+# the plugin DaemonSet's /sys hostPath points here on this machine.
+NODE_SYSFS = "/var/lib/power-dra-fake-sys"
 DEFAULT_CREDITS = 4  # shared mode publishes 4 - 1 reserved = 3 credits
 
 
@@ -612,11 +615,13 @@ class RealNode:
 
     # --- start -------------------------------------------------------------------------
 
-    def start(self, *, with_plugin: bool = True) -> RealNode:
+    def start(self, with_plugin: bool = True, images: Sequence[Path] = ()) -> RealNode:
         """Bring the node up: Ready, plugin registered, our slice published.
 
-        Without `with_plugin`, only until the node is Ready (another driver's
-        plugin, or ours later with `start_plugin`)."""
+        Without `with_plugin` no plugin process is started (another driver's plugin,
+        ours later with `start_plugin`, or the DaemonSet's pod from the driver's
+        image, one of `images`: docker-archive or OCI tarballs imported into
+        containerd); the node is then only Ready."""
         missing = missing_requirements()
         if missing:
             raise RuntimeError("cannot run a real node here: " + "; ".join(missing))
@@ -631,6 +636,8 @@ class RealNode:
             create_cgroup_root(self.cgroup_root)
             self.start_containerd()
             self._import_images()
+            for tarball in images:
+                self.import_image(tarball)
             self.start_kubelet()
             if with_plugin:
                 self.start_plugin(registered=False)
@@ -691,6 +698,8 @@ class RealNode:
             f"upperdir={w}/overlay/varlib/upper,workdir={w}/overlay/varlib/work /var/lib",
             "mkdir -p /var/lib/kubelet",
             f"mount --bind {self.kubelet_dir} /var/lib/kubelet",
+            f"mkdir -p {NODE_SYSFS}",
+            f"mount --bind {self.sysfs_root} {NODE_SYSFS}",
             f"mount --bind {self.run_dir} /run",
             f"mount --bind {w}/log /var/log",
             *(
@@ -827,6 +836,12 @@ disabled_plugins = [
             if image not in names:
                 raise RuntimeError(f"image {image} missing after import: {names}")
 
+    def import_image(self, tarball: Path) -> list[str]:
+        """Import an image tarball into containerd's k8s.io namespace; the names it brought."""
+        before = set(self.ctr("images", "list", "--quiet").split())
+        self.ctr("images", "import", str(tarball))
+        return sorted(set(self.ctr("images", "list", "--quiet").split()) - before)
+
     def _kubelet_config(self) -> Path:
         cp = self.cp
         config = {
@@ -916,38 +931,28 @@ disabled_plugins = [
         self._write_state()
         return plugin
 
-    def wait_node_ready(self, timeout: float = 60.0) -> None:
-        """The Node object says Ready (whatever the DRA plugins do)."""
-
-        def ready() -> bool:
-            kubelet = self.kubelet
-            if kubelet is not None and not kubelet.alive():
-                raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
-            node = self.api.get(f"/api/v1/nodes/{self.name}")
-            conds = {
-                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
-            }
-            return conds.get("Ready") == "True"
-
-        wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
-
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Node Ready, our plugin registered with the kubelet, our slice published."""
-
-        def ready() -> bool:
-            kubelet = self.kubelet
-            if kubelet is not None and not kubelet.alive():
-                raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
-            node = self.api.get(f"/api/v1/nodes/{self.name}")
-            conds = {
-                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
-            }
-            return conds.get("Ready") == "True"
-
-        wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
+        self.wait_node_ready(timeout)
         assert self.plugin is not None
         self.plugin.wait_registered(timeout)
         wait_for("our ResourceSlice", self.slices, timeout, 0.05)
+        self.ready_at = time.monotonic()
+
+    def wait_node_ready(self, timeout: float = 60.0) -> None:
+        """The Node object Ready (kubelet and runtime up, CNI configured)."""
+
+        def ready() -> bool:
+            kubelet = self.kubelet
+            if kubelet is not None and not kubelet.alive():
+                raise RuntimeError(f"kubelet exited:\n{kubelet.tail(40)}")
+            node = self.api.get(f"/api/v1/nodes/{self.name}")
+            conds = {
+                c["type"]: c["status"] for c in (node or {}).get("status", {}).get("conditions", [])
+            }
+            return conds.get("Ready") == "True"
+
+        wait_for(f"node {self.name} Ready", ready, timeout, 0.1)
         self.ready_at = time.monotonic()
 
     # --- observation ----------------------------------------------------------------------

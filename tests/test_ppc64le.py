@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ppc64le, proven on this machine: Debian's ppc64el Python 3.11 installs every
+runtime dependency from the pins, offline (ppc64le wheels, PyYAML as pure
+Python), and runs the kubelet plugin's `inspect` on a fake Power10 node, under
+qemu-user-static registered only in a private user namespace
+(tests/harness/ppc64le.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.fake_sysfs import make_powervm_tree, write_dev_node
+from tests.harness.cluster import REPO
+from tests.harness.ppc64le import install_and_inspect
+
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def _orjson_pin() -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.startswith("orjson=="):
+            return line.split("==")[1]
+    raise AssertionError("orjson is not pinned")
+
+
+def test_plugin_installs_from_the_pins_and_inspects_a_power10_node_on_ppc64le(
+    tmp_path: Path,
+) -> None:
+    node = tmp_path / "node"
+    make_powervm_tree(node / "sys", total_credits=240)
+    write_dev_node(node / "host")
+
+    out = install_and_inspect(node, tmp_path / "work")
+
+    first, _, rest = out.partition("\n")
+    # The interpreter really is ppc64le, with the pinned orjson wheel and pure PyYAML.
+    assert first.split() == ["ppc64le", _orjson_pin(), "False"]
+    doc = json.loads(rest)
+    assert doc["inventory"]["platform"] == "powervm"
+    assert doc["inventory"]["processor_generation"] == "power10"
+    assert doc["inventory"]["credits"]["total"] == 240
+    (only,) = doc["resourceSlices"]
+    assert only["spec"]["nodeName"] == "power10-node"
+    (device,) = only["spec"]["devices"]
+    assert device["capacity"]["credits"]["value"] == "239"
+
+
+def test_the_ppc64le_handler_was_never_registered_on_the_host() -> None:
+    assert not (BINFMT / "power-dra-ppc64le").exists()
