@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.cluster import REPO, ControlPlane
+from tests.harness.cluster import REPO, ControlPlane, yaml_stream
 from tests.harness.driver_image import BuiltImage, build_image
 from tests.harness.image_install import (
     CONTROLLER_LABEL,
@@ -130,7 +130,7 @@ def _run_install(cp: ControlPlane, node: RealNode, install: Install) -> None:
         )
 
         name = f"nx-{install.how}"
-        cp.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in _workload(name)))
+        cp.kubectl("apply", "-f", "-", input=yaml_stream(_workload(name)))
 
         def logged() -> str | None:
             out = cp.kubectl("logs", "-n", NS, name, check=False).stdout

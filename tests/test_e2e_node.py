@@ -23,7 +23,7 @@ import pytest
 
 from kubeletplugin.cdi import spec_file_name
 from tests.dra_objects import device_class
-from tests.harness.cluster import ControlPlane
+from tests.harness.cluster import ControlPlane, yaml_stream
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     Api,
@@ -168,7 +168,7 @@ def pod_manifest(name: str, template: str = PLAIN, request: str | None = None) -
 def create_pods(
     node: RealNode, *names: str, template: str = PLAIN, request: str | None = None
 ) -> None:
-    doc = "\n---\n".join(json.dumps(pod_manifest(n, template, request)) for n in names)
+    doc = yaml_stream([pod_manifest(n, template, request) for n in names])
     node.cp.kubectl("create", "-f", "-", input=doc)
 
 

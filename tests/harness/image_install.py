@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from tests.harness.cluster import REPO, ControlPlane, free_port
+from tests.harness.cluster import REPO, ControlPlane, free_port, yaml_stream
 from tests.harness.images import oci_arch
 from tests.harness.node import NODE_SYSFS, RealNode, wait_for
 from tests.harness.plugin import DRIVER
@@ -378,7 +378,5 @@ def per_node_daemonsets(objs: list[dict[str, Any]], nodes: Sequence[str]) -> lis
 
 def install_rendered(cp: ControlPlane, objs: list[dict[str, Any]]) -> float:
     """Server-side apply of rendered objects; returns time.monotonic() after it."""
-    cp.kubectl(
-        "apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs)
-    )
+    cp.kubectl("apply", "--server-side", "-f", "-", input=yaml_stream(objs))
     return time.monotonic()
