@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Names both processes share: the driver, our field manager, our label."""
+"""Names both processes share: the driver, our field manager, our label, the device node."""
 
 from __future__ import annotations
 
@@ -8,3 +8,5 @@ DRIVER_VERSION = "0.1.0"
 FIELD_MANAGER = "power-dra-driver"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "power-dra-driver"
+# The NX-gzip device node, on the host and inside containers.
+DEVICE_PATH = "/dev/crypto/nx-gzip"

@@ -23,11 +23,12 @@ from typing import Any
 import orjson
 
 from controller.atomic_write import atomic_write_bytes, remove_durably
+from controller.names import DEVICE_PATH
 from kubeletplugin.claims import CDI_KIND, PreparedClaim, cdi_device_name, validate_claim_uid
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEVICE_PATH = "/dev/crypto/nx-gzip"
+DEFAULT_DEVICE_PATH = DEVICE_PATH
 CLAIM_ANNOTATION = "nx.device.power.ibm.com/prepared-claim"
 
 _VENDOR, _CLASS = CDI_KIND.split("/", 1)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from controller.errors import ApiError, NotFound
+from controller.names import DEVICE_PATH
 from controller.resources import resource_kinds
 
 from .cdi import (
@@ -87,7 +88,7 @@ class DriverPaths:
 
     plugin_dir: Path  # <kubelet plugins dir>/<driver>
     cdi_root: Path
-    device_path: str = "/dev/crypto/nx-gzip"  # inside the container
+    device_path: str = DEVICE_PATH  # inside the container
     host_device_path: str | None = None  # on the host, when it differs
 
     @property

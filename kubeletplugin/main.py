@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,13 @@ import orjson
 
 from controller.flags import add_common_flags, add_flag, parse_duration
 from controller.logs import setup_logging
-from controller.names import DRIVER_NAME, DRIVER_VERSION
+from controller.names import DRIVER_NAME
 from controller.slices import API_VERSIONS, build_pool_slices
 
-from .devices import DeviceOptions, build_devices
-from .discovery import Inventory, discover
+from .devices import build_devices
+from .node_discovery import device_options, discover_node
 
 log = logging.getLogger("kubeletplugin")
-
-DEVICE_PATH = "/dev/crypto/nx-gzip"
 
 
 def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,42 +161,6 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "how often the plugin calls its own sockets for /healthz",
         type=parse_duration,
     )
-
-
-def device_options(args: argparse.Namespace) -> DeviceOptions:
-    """DeviceOptions from flags (ValueError with the flag's meaning on bad values)."""
-    return DeviceOptions(
-        driver_version=DRIVER_VERSION,
-        mode=args.device_mode,
-        reserved_credits=args.reserved_credits,
-        max_slots=args.max_slots,
-        fallback_credits=args.fallback_credits,
-    )
-
-
-def discover_node(args: argparse.Namespace, known_warnings: Collection[str] = ()) -> Inventory:
-    """Read sysfs and the device node as the flags say.
-
-    Warnings are logged unless in `known_warnings` (those of the previous
-    discovery: a rediscovery every 30 s must not repeat them).
-    """
-    device_node = Path(str(args.host_dev_root).rstrip("/") + DEVICE_PATH)
-    if not Path(args.sysfs_root).is_dir():
-        log.warning(
-            "--sysfs-root %s does not exist: is the path right (the DaemonSet mounts /sys "
-            "at /host-sys)?",
-            args.sysfs_root,
-        )
-    inventory = discover(args.sysfs_root, device_node)
-    for warning in inventory.warnings:
-        if warning not in known_warnings:
-            log.warning("%s", warning)
-    if inventory.platform is None:
-        log.info(
-            "no NX-gzip found: publishing an empty pool",
-            extra={"sysfsRoot": str(args.sysfs_root), "deviceNode": str(device_node)},
-        )
-    return inventory
 
 
 def inspect(args: argparse.Namespace) -> int:

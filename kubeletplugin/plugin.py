@@ -19,14 +19,14 @@ import anyio
 
 from controller.http_server import serve_http
 from controller.metrics import Registry
-from controller.names import DRIVER_NAME
+from controller.names import DEVICE_PATH, DRIVER_NAME
 from controller.slices import Device
 
 from .devices import build_devices
 from .discovery import Inventory
 from .driver import DriverPaths, NxDriver
 from .grpc_service import DeviceHealth, PluginServers, SocketPaths
-from .main import DEVICE_PATH, device_options, discover_node
+from .node_discovery import device_options, discover_node
 
 if TYPE_CHECKING:
     from .publisher import SlicePublisher

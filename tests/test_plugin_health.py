@@ -71,7 +71,7 @@ def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
 def test_rediscovery_logs_a_warning_only_when_it_is_new(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from kubeletplugin.main import discover_node
+    from kubeletplugin.node_discovery import discover_node
 
     sysfs = make_powervm_tree(tmp_path / "sys", total_credits="lots")
     args = build_parser().parse_args(["--node-name", "n1", "--sysfs-root", str(sysfs)])
