@@ -42,10 +42,9 @@ from .cdi import (
 from .checkpoint import (
     CHECKPOINT_FILE_NAME,
     LOCK_FILE_NAME,
+    StateFile,
     StateLock,
-    load_checkpoint,
     read_boot_id,
-    save_checkpoint,
 )
 from .claims import (
     ClaimError,
@@ -99,14 +98,6 @@ class DriverPaths:
         return self.plugin_dir / LOCK_FILE_NAME
 
 
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class NxDriver:
     """Implements `grpc_service.DraBackend` for NX-gzip."""
 
@@ -135,13 +126,15 @@ class NxDriver:
         self._lock = StateLock(paths.lock)
         self.claims: dict[str, PreparedClaim] = {}
         self.boot_id = read_boot_id()
-        self._written: tuple[int, int, int] | None = None
+        self._state = StateFile(paths.checkpoint, self.boot_id)
         self._health_event = anyio.Event()
         self.stats = {"prepared": 0, "unprepared": 0, "prepare_errors": 0}
         self.on_latency: Callable[[str, float], None] | None = None
         # Called (on the event loop) when `credits_outside_our_slice` changed.
         self.on_outside_credits_change: Callable[[], None] | None = None
         self._outside_credits = 0
+        # Set when a changed claim holds credits of IBM's device (no scan of all claims otherwise).
+        self._outside_may_change = False
 
     # --- start-up ----------------------------------------------------------------
 
@@ -160,16 +153,21 @@ class NxDriver:
         """Read the checkpoint and make specs and state agree. Blocking; returns problems."""
         self.paths.plugin_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            loaded = load_checkpoint(self.paths.checkpoint, self.paths.cdi_root)
+            loaded, compact = self._state.load(self.paths.cdi_root)
             self.claims = dict(loaded.claims)
             problems = list(loaded.problems)
             problems += self._reconcile_files()
             self._remove_partial_writes()
-            if problems:
-                save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
-            self._written = _file_signature(self.paths.checkpoint)
+            if problems or compact:
+                self._state.save(self.claims)
         self._outside_credits = self.credits_outside_our_slice()
         return problems
+
+    def close_state(self) -> None:
+        """Compact the state into the previous release's format (at a clean stop). Blocking."""
+        with self._lock:
+            self._refresh_from_disk()
+            self._state.close(self.claims)
 
     def _reconcile_files(self) -> list[str]:
         notes: list[str] = []
@@ -224,17 +222,27 @@ class NxDriver:
         return credits_outside_our_slice(self.claims.values())
 
     def _check_outside_credits(self) -> None:
+        if not self._outside_may_change:
+            return
+        self._outside_may_change = False
         outside = self.credits_outside_our_slice()
         if outside != self._outside_credits:
             self._outside_credits = outside
             if self.on_outside_credits_change is not None:
                 self.on_outside_credits_change()
 
+    def _note_outside_change(self, *claims: PreparedClaim | None) -> None:
+        if any(c is not None and credits_outside_our_slice((c,)) for c in claims):
+            self._outside_may_change = True
+
     def _refresh_from_disk(self) -> None:
         # Another plugin instance (rolling update) may have written since our last write.
-        if _file_signature(self.paths.checkpoint) != self._written:
-            loaded = load_checkpoint(self.paths.checkpoint, self.paths.cdi_root)
+        if self._state.changed_on_disk():
+            loaded, _ = self._state.load(self.paths.cdi_root)
             self.claims = dict(loaded.claims)
+            self._outside_may_change = True
+            # Its writer may have died mid-append: start from a clean journal.
+            self._state.save(self.claims)
 
     # --- prepare -------------------------------------------------------------------
 
@@ -280,9 +288,12 @@ class NxDriver:
                     f"{budget:.1f} s while {stage[0]}; the kubelet retries"
                 )
 
-        async with anyio.create_task_group() as tg:
-            for ref in claims:
-                tg.start_soon(one, ref)
+        if len(claims) == 1:  # the usual call: one pod, one claim; no task to start
+            await one(claims[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for ref in claims:
+                    tg.start_soon(one, ref)
         if decided:
             async with self._lock:
                 await anyio.to_thread.run_sync(self._commit_prepared, decided)
@@ -314,16 +325,16 @@ class NxDriver:
     def _commit_prepared(self, decided: dict[str, PreparedClaim]) -> None:
         """Specs first, then one checkpoint write (worker thread, lock held)."""
         self._refresh_from_disk()
-        changed = False
+        changed: dict[str, PreparedClaim] = {}
         for uid, prepared in decided.items():
             if self.claims.get(uid) != prepared or not self._spec_present(prepared):
                 self._write_spec(prepared)
             if self.claims.get(uid) != prepared:
+                self._note_outside_change(self.claims.get(uid), prepared)
                 self.claims[uid] = prepared
-                changed = True
+                changed[uid] = prepared
         if changed:
-            save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
-            self._written = _file_signature(self.paths.checkpoint)
+            self._state.record(self.claims, changed)
 
     async def _decide(self, ref: ClaimRef, deadline: float, stage: list[str]) -> PreparedClaim:
         """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
@@ -400,10 +411,14 @@ class NxDriver:
     def _commit_unprepared(self, uids: list[str]) -> None:
         """Checkpoint entry first, then the spec (worker thread, lock held)."""
         self._refresh_from_disk()
-        removed = [uid for uid in uids if self.claims.pop(uid, None) is not None]
+        removed = []
+        for uid in uids:
+            gone = self.claims.pop(uid, None)
+            if gone is not None:
+                removed.append(uid)
+                self._note_outside_change(gone)
         if removed:
-            save_checkpoint(self.paths.checkpoint, self.claims, self.boot_id)
-            self._written = _file_signature(self.paths.checkpoint)
+            self._state.record(self.claims, {}, removed)
         for uid in uids:
             remove_claim_spec(self.paths.cdi_root, uid)
         remove_ibm_specs(self.paths.cdi_root, uids, self.claims.values())

@@ -138,6 +138,8 @@ async def run_plugin(args: argparse.Namespace) -> None:
             },
         )
         await _serve_cluster_side(args, view, driver, sockets)
+    # The sockets are gone: leave the state in the format the previous release reads.
+    await anyio.to_thread.run_sync(driver.close_state)
     log.info("stopped")
 
 
