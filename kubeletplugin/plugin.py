@@ -10,6 +10,7 @@ import gc
 import importlib
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,7 +162,15 @@ def _import_cluster_side() -> None:
 async def _serve_cluster_side(
     args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
 ) -> None:
-    await anyio.to_thread.run_sync(_import_cluster_side)
+    # The import thread holds the GIL for up to the switch interval (5 ms) each
+    # time the event loop wants it: the kubelet's GetInfo, which needs the loop a
+    # few dozen times, would wait ~0.2 s. A short interval while importing.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        await anyio.to_thread.run_sync(_import_cluster_side)
+    finally:
+        sys.setswitchinterval(interval)
     # Already imported: these are dictionary lookups now.
     from controller.apiclient import ApiClient
     from controller.kubeconfig import load_cluster_config
