@@ -97,73 +97,77 @@ async def make_claims(api: ApiClient, count: int) -> list[tuple[str, str]]:
     return await asyncio.gather(*(one(i) for i in range(count)))
 
 
-def measure_floor(api_cfg_path: str, claim: str, rounds: int = 200) -> dict[str, float]:
-    """One GET of a claim over a kept-alive connection, and one atomic fsync'd write."""
+class Floor:
+    """What a call cannot go below, sampled between the plugin's calls (so that the
+    floor sees the same load they do): one GET of a claim over a kept-alive
+    connection of the same client, one atomic fsync'd write, and one round trip
+    to a plain grpclib server (its own process, called with grpcio)."""
 
-    async def gets() -> list[float]:
-        cfg = await load_cluster_config(api_cfg_path)
-        async with ApiClient(cfg, qps=0) as api:
-            res = resource_kinds("v1")["ResourceClaim"]
-            await api.get(res, claim, NS)
-            out = []
-            for _ in range(rounds):
-                t = time.perf_counter()
-                await api.get(res, claim, NS)
-                out.append(time.perf_counter() - t)
-            return out
+    def __init__(self, kubeconfig: str, claim: str) -> None:
+        self.gets: list[float] = []
+        self.writes: list[float] = []
+        self.rtts: list[float] = []
+        self._claim = claim
+        self._dir = tempfile.TemporaryDirectory(dir=RESULTS)
+        self._payload = os.urandom(4096)
+        self._runner = asyncio.Runner()
+        self._res = resource_kinds("v1")["ResourceClaim"]
 
-    get_times = asyncio.run(gets())
-    rtts = grpclib_round_trips(rounds)
-    writes = []
-    with tempfile.TemporaryDirectory(dir=RESULTS) as d:
-        payload = os.urandom(4096)
-        for _ in range(rounds):
-            t = time.perf_counter()
-            atomic_write_bytes(Path(d) / "state.json", payload)
-            writes.append(time.perf_counter() - t)
-    return {
-        "get_claim_p50_ms": pct(get_times, 50),
-        "get_claim_p99_ms": pct(get_times, 99),
-        "atomic_write_p50_ms": pct(writes, 50),
-        "atomic_write_p99_ms": pct(writes, 99),
-        "grpclib_rtt_p50_ms": pct(rtts, 50),
-        "grpclib_rtt_p99_ms": pct(rtts, 99),
-    }
+        async def client() -> ApiClient:
+            return ApiClient(await load_cluster_config(kubeconfig), qps=0)
 
-
-def grpclib_round_trips(rounds: int) -> list[float]:
-    """grpcio calling a plain grpclib server (its own process) that answers at once."""
-    with tempfile.TemporaryDirectory() as d:
-        sock = Path(d) / "floor.sock"
-        server = subprocess.Popen(
+        self._api = self._runner.run(client())
+        sock = Path(self._dir.name) / "floor.sock"
+        self._server = subprocess.Popen(
             [sys.executable, "-m", "bench.grpclib_floor", str(sock)],
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parent.parent,
         )
-        try:
-            assert server.stdout is not None
-            if server.stdout.readline().strip() != b"ready":
-                raise RuntimeError("the grpclib floor server did not start")
-            apis = grpc_stubs.load()
-            pb2 = apis.dra_v1.pb2
-            request = pb2.NodeUnprepareResourcesRequest(
-                claims=[
-                    pb2.Claim(namespace=NS, name="c", uid="00000000-0000-4000-8000-000000000000")
-                ]
-            )
-            with grpc.insecure_channel(f"unix:{sock}") as channel:
-                stub = apis.dra_v1.grpc.DRAPluginStub(channel)
-                for _ in range(20):
-                    stub.NodeUnprepareResources(request, timeout=10)
-                out = []
-                for _ in range(rounds):
-                    t = time.perf_counter()
-                    stub.NodeUnprepareResources(request, timeout=10)
-                    out.append(time.perf_counter() - t)
-                return out
-        finally:
-            server.kill()
-            server.wait()
+        assert self._server.stdout is not None
+        if self._server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the grpclib floor server did not start")
+        apis = grpc_stubs.load()
+        pb2 = apis.dra_v1.pb2
+        self._request = pb2.NodeUnprepareResourcesRequest(
+            claims=[pb2.Claim(namespace=NS, name="c", uid="00000000-0000-4000-8000-000000000000")]
+        )
+        self._channel = grpc.insecure_channel(f"unix:{sock}")
+        self._stub = apis.dra_v1.grpc.DRAPluginStub(self._channel)
+        for _ in range(10):  # warm-up: connections
+            self.sample()
+        self.gets.clear()
+        self.writes.clear()
+        self.rtts.clear()
+
+    def sample(self) -> None:
+        t = time.perf_counter()
+        self._runner.run(self._api.get(self._res, self._claim, NS))
+        self.gets.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        atomic_write_bytes(Path(self._dir.name) / "state.json", self._payload)
+        self.writes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        self._stub.NodeUnprepareResources(self._request, timeout=10)
+        self.rtts.append(time.perf_counter() - t)
+
+    def close(self) -> None:
+        self._channel.close()
+        self._server.kill()
+        self._server.wait()
+        self._runner.run(self._api.close())
+        self._runner.close()
+        self._dir.cleanup()
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "get_claim_p50_ms": pct(self.gets, 50),
+            "get_claim_p99_ms": pct(self.gets, 99),
+            "atomic_write_p50_ms": pct(self.writes, 50),
+            "atomic_write_p99_ms": pct(self.writes, 99),
+            "grpclib_rtt_p50_ms": pct(self.rtts, 50),
+            "grpclib_rtt_p99_ms": pct(self.rtts, 99),
+            "floor_samples": len(self.gets),
+        }
 
 
 class Client:
@@ -261,8 +265,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--held",
-        default="100,1000",
-        help="claims already prepared for the filled-node figures (comma-separated)",
+        default="0,100,1000",
+        help="claims already prepared for the filled-node figures (comma-separated; 0 is "
+        "the empty node measured in the same phase, the reference of the others)",
     )
     parser.add_argument("--held-cycles", type=int, default=100, help="cycles per filled figure")
     args = parser.parse_args()
@@ -291,6 +296,7 @@ def main() -> None:
         batch_claims = claims[args.cycles : args.cycles + args.batches * args.batch_size]
         fill = claims[args.cycles + args.batches * args.batch_size :]
         client = Client(plugin)
+        floor_sampler = Floor(cp.kubeconfig, claims[0][0])
         pid = plugin.process.pid  # type: ignore[union-attr]
         cpu_start = cpu_seconds(pid)
         for c in singles[:10]:  # warm-up
@@ -300,12 +306,14 @@ def main() -> None:
         for c in singles:
             prep.append(client.prepare([c]))
             unprep.append(client.unprepare([c]))
+            floor_sampler.sample()
         batch = []
         for i in range(args.batches):
             group = batch_claims[i * args.batch_size : (i + 1) * args.batch_size]
             batch.append(client.prepare(group))
             client.unprepare(group)
         cpu_run = cpu_seconds(pid) - cpu_start
+        floor = floor_sampler.figures()
         # The node fills up: the cost of one claim with N already prepared.
         held: dict[int, dict[str, float]] = {}
         done = 0
@@ -332,7 +340,7 @@ def main() -> None:
             client.prepare([c])
             client.unprepare([c])
         rss_after = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
-        floor = measure_floor(cp.kubeconfig, singles[0][0])
+        floor_sampler.close()
     finally:
         if plugin is not None:
             plugin.stop()
@@ -379,7 +387,8 @@ def main() -> None:
         (f"prepare {bs} claims p50", result[f"prepare_{bs}_p50_ms"], 25.0, "ms", "prepare"),
         (f"prepare {bs} claims p99", result[f"prepare_{bs}_p99_ms"], None, "ms", "prepare"),
     ]
-    empty_p50 = result["prepare_1_p50_ms"]
+    # The reference for a filled node: the empty node measured just before it.
+    empty_p50 = held[0]["prepare_p50_ms"] if 0 in held else result["prepare_1_p50_ms"]
     for n in held_levels:
         h = held[n]
         rows.append(
