@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from controller.http_server import serve_http
-from controller.metrics import Registry
 from controller.names import DRIVER_NAME
 from controller.slices import Device
 
@@ -29,6 +27,8 @@ from .grpc_service import DeviceHealth, PluginServers, SocketPaths
 from .main import DEVICE_PATH, device_options, discover_node
 
 if TYPE_CHECKING:
+    from controller.metrics import Registry
+
     from .publisher import SlicePublisher
 
 log = logging.getLogger("kubeletplugin")
@@ -146,6 +146,7 @@ async def run_plugin(args: argparse.Namespace) -> None:
 
 CLUSTER_SIDE_MODULES = (
     "controller.apiclient",
+    "controller.http_server",
     "controller.kubeconfig",
     "kubeletplugin.publisher",
     "kubeletplugin.self_probe",
@@ -173,7 +174,9 @@ async def _serve_cluster_side(
         sys.setswitchinterval(interval)
     # Already imported: these are dictionary lookups now.
     from controller.apiclient import ApiClient
+    from controller.http_server import serve_http
     from controller.kubeconfig import load_cluster_config
+    from controller.metrics import Registry
 
     from .publisher import SlicePublisher
     from .self_probe import SelfProbe
