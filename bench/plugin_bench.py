@@ -107,6 +107,7 @@ class Floor:
         self.gets: list[float] = []
         self.writes: list[float] = []
         self.rtts: list[float] = []
+        self.batch_gets: list[float] = []
         self._claim = claim
         self._dir = tempfile.TemporaryDirectory(dir=RESULTS)
         self._payload = os.urandom(4096)
@@ -150,6 +151,16 @@ class Floor:
         self._stub.NodeUnprepareResources(self._request, timeout=10)
         self.rtts.append(time.perf_counter() - t)
 
+    def sample_batch(self, n: int) -> None:
+        """`n` concurrent GETs of the claim: what a batch of `n` claims cannot go below."""
+
+        async def gets() -> None:
+            await asyncio.gather(*(self._api.get(self._res, self._claim, NS) for _ in range(n)))
+
+        t = time.perf_counter()
+        self._runner.run(gets())
+        self.batch_gets.append(time.perf_counter() - t)
+
     def close(self) -> None:
         self._channel.close()
         self._server.kill()
@@ -166,6 +177,7 @@ class Floor:
             "atomic_write_p99_ms": pct(self.writes, 99),
             "grpclib_rtt_p50_ms": pct(self.rtts, 50),
             "grpclib_rtt_p99_ms": pct(self.rtts, 99),
+            "batch_gets_p50_ms": pct(self.batch_gets, 50) if self.batch_gets else 0.0,
             "floor_samples": len(self.gets),
         }
 
@@ -312,6 +324,7 @@ def main() -> None:
             group = batch_claims[i * args.batch_size : (i + 1) * args.batch_size]
             batch.append(client.prepare(group))
             client.unprepare(group)
+            floor_sampler.sample_batch(len(group))
         cpu_run = cpu_seconds(pid) - cpu_start
         floor = floor_sampler.figures()
         # The node fills up: the cost of one claim with N already prepared.
@@ -323,14 +336,22 @@ def main() -> None:
                 client.prepare(group)
                 done += len(group)
             p, u = [], []
+            first = len(floor_sampler.gets)
             for c in singles[: args.held_cycles]:
                 p.append(client.prepare([c]))
                 u.append(client.unprepare([c]))
+                floor_sampler.sample()
+            # This phase's own floor: a load burst during one phase moves both.
+            phase = {
+                k: pct(getattr(floor_sampler, k)[first:], 50) for k in ("gets", "writes", "rtts")
+            }
             held[level] = {
                 "prepare_p50_ms": pct(p, 50),
                 "prepare_p99_ms": pct(p, 99),
                 "unprepare_p50_ms": pct(u, 50),
                 "state_kib": state_kib(plugin),
+                "prepare_floor_ms": phase["gets"] + phase["writes"] + phase["rtts"],
+                "unprepare_floor_ms": phase["writes"] + phase["rtts"],
             }
         for i in range(0, done, args.batch_size):
             client.unprepare(fill[i : min(done, i + args.batch_size)])
@@ -376,6 +397,10 @@ def main() -> None:
         + floor["atomic_write_p50_ms"]
         + floor["grpclib_rtt_p50_ms"],
         "unprepare": floor["atomic_write_p50_ms"] + floor["grpclib_rtt_p50_ms"],
+        # A batch: its GETs all at once, one durable write, one round trip.
+        "batch": floor["batch_gets_p50_ms"]
+        + floor["atomic_write_p50_ms"]
+        + floor["grpclib_rtt_p50_ms"],
     }
     bs = args.batch_size
     rows: list[tuple[str, float, float | None, str, str | None]] = [
@@ -384,23 +409,27 @@ def main() -> None:
         ("prepare 1 claim p99", result["prepare_1_p99_ms"], 7.5, "ms", "prepare"),
         ("unprepare 1 claim p50", result["unprepare_1_p50_ms"], 1.7, "ms", "unprepare"),
         ("unprepare 1 claim p99", result["unprepare_1_p99_ms"], None, "ms", "unprepare"),
-        (f"prepare {bs} claims p50", result[f"prepare_{bs}_p50_ms"], 25.0, "ms", "prepare"),
-        (f"prepare {bs} claims p99", result[f"prepare_{bs}_p99_ms"], None, "ms", "prepare"),
+        (f"prepare {bs} claims p50", result[f"prepare_{bs}_p50_ms"], 25.0, "ms", "batch"),
+        (f"prepare {bs} claims p99", result[f"prepare_{bs}_p99_ms"], None, "ms", "batch"),
     ]
     # The reference for a filled node: the empty node measured just before it.
     empty_p50 = held[0]["prepare_p50_ms"] if 0 in held else result["prepare_1_p50_ms"]
     for n in held_levels:
         h = held[n]
+        call_floor[f"prepare {n}"] = h["prepare_floor_ms"]
+        call_floor[f"unprepare {n}"] = h["unprepare_floor_ms"]
         rows.append(
             (
                 f"prepare p50, {n} held ({h['state_kib']:.0f} KiB)",
                 h["prepare_p50_ms"],
                 1.2 * empty_p50,
                 "ms",
-                "prepare",
+                f"prepare {n}",
             )
         )
-        rows.append((f"unprepare p50, {n} held", h["unprepare_p50_ms"], None, "ms", "unprepare"))
+        rows.append(
+            (f"unprepare p50, {n} held", h["unprepare_p50_ms"], None, "ms", f"unprepare {n}")
+        )
     rows += [
         ("start -> registration socket", result["start_to_registration_socket_s"], 0.1, "s", None),
         ("start -> GetInfo", result["start_to_getinfo_s"], None, "s", None),
@@ -424,7 +453,8 @@ def main() -> None:
         f"{floor['atomic_write_p50_ms']:.2f} ms (p99 {floor['atomic_write_p99_ms']:.2f}); "
         f"grpclib round trip p50 {floor['grpclib_rtt_p50_ms']:.2f} ms "
         f"(p99 {floor['grpclib_rtt_p99_ms']:.2f}); prepare floor {call_floor['prepare']:.2f} ms, "
-        f"unprepare floor {call_floor['unprepare']:.2f} ms"
+        f"unprepare floor {call_floor['unprepare']:.2f} ms; {bs} concurrent GETs p50 "
+        f"{floor['batch_gets_p50_ms']:.2f} ms, batch floor {call_floor['batch']:.2f} ms"
     )
     print(f"load average (1 min) at the end: {result['load_average_1m']:.1f}")
     out = RESULTS / "plugin.json"
