@@ -16,6 +16,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +53,18 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def state_kib(plugin: PluginProcess) -> float:
+    """Size of the plugin's state on disk (snapshot and journal)."""
+    files = [plugin.checkpoint, plugin.checkpoint.with_name("checkpoint.journal")]
+    return sum(p.stat().st_size for p in files if p.exists()) / 1024
+
+
 def claim_obj(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "resource.k8s.io/v1",
@@ -83,35 +97,89 @@ async def make_claims(api: ApiClient, count: int) -> list[tuple[str, str]]:
     return await asyncio.gather(*(one(i) for i in range(count)))
 
 
-def measure_floor(api_cfg_path: str, claim: str, rounds: int = 200) -> dict[str, float]:
-    """One GET of a claim over a kept-alive connection, and one atomic fsync'd write."""
+class Floor:
+    """What a call cannot go below, sampled between the plugin's calls (so that the
+    floor sees the same load they do): one GET of a claim over a kept-alive
+    connection of the same client, one atomic fsync'd write, and one round trip
+    to a plain grpclib server (its own process, called with grpcio)."""
 
-    async def gets() -> list[float]:
-        cfg = await load_cluster_config(api_cfg_path)
-        async with ApiClient(cfg, qps=0) as api:
-            res = resource_kinds("v1")["ResourceClaim"]
-            await api.get(res, claim, NS)
-            out = []
-            for _ in range(rounds):
-                t = time.perf_counter()
-                await api.get(res, claim, NS)
-                out.append(time.perf_counter() - t)
-            return out
+    def __init__(self, kubeconfig: str, claim: str) -> None:
+        self.gets: list[float] = []
+        self.writes: list[float] = []
+        self.rtts: list[float] = []
+        self.batch_gets: list[float] = []
+        self._claim = claim
+        self._dir = tempfile.TemporaryDirectory(dir=RESULTS)
+        self._payload = os.urandom(4096)
+        self._runner = asyncio.Runner()
+        self._res = resource_kinds("v1")["ResourceClaim"]
 
-    get_times = asyncio.run(gets())
-    writes = []
-    with tempfile.TemporaryDirectory(dir=RESULTS) as d:
-        payload = os.urandom(4096)
-        for _ in range(rounds):
-            t = time.perf_counter()
-            atomic_write_bytes(Path(d) / "state.json", payload)
-            writes.append(time.perf_counter() - t)
-    return {
-        "get_claim_p50_ms": pct(get_times, 50),
-        "get_claim_p99_ms": pct(get_times, 99),
-        "atomic_write_p50_ms": pct(writes, 50),
-        "atomic_write_p99_ms": pct(writes, 99),
-    }
+        async def client() -> ApiClient:
+            return ApiClient(await load_cluster_config(kubeconfig), qps=0)
+
+        self._api = self._runner.run(client())
+        sock = Path(self._dir.name) / "floor.sock"
+        self._server = subprocess.Popen(
+            [sys.executable, "-m", "bench.grpclib_floor", str(sock)],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert self._server.stdout is not None
+        if self._server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the grpclib floor server did not start")
+        apis = grpc_stubs.load()
+        pb2 = apis.dra_v1.pb2
+        self._request = pb2.NodeUnprepareResourcesRequest(
+            claims=[pb2.Claim(namespace=NS, name="c", uid="00000000-0000-4000-8000-000000000000")]
+        )
+        self._channel = grpc.insecure_channel(f"unix:{sock}")
+        self._stub = apis.dra_v1.grpc.DRAPluginStub(self._channel)
+        for _ in range(10):  # warm-up: connections
+            self.sample()
+        self.gets.clear()
+        self.writes.clear()
+        self.rtts.clear()
+
+    def sample(self) -> None:
+        t = time.perf_counter()
+        self._runner.run(self._api.get(self._res, self._claim, NS))
+        self.gets.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        atomic_write_bytes(Path(self._dir.name) / "state.json", self._payload)
+        self.writes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        self._stub.NodeUnprepareResources(self._request, timeout=10)
+        self.rtts.append(time.perf_counter() - t)
+
+    def sample_batch(self, n: int) -> None:
+        """`n` concurrent GETs of the claim: what a batch of `n` claims cannot go below."""
+
+        async def gets() -> None:
+            await asyncio.gather(*(self._api.get(self._res, self._claim, NS) for _ in range(n)))
+
+        t = time.perf_counter()
+        self._runner.run(gets())
+        self.batch_gets.append(time.perf_counter() - t)
+
+    def close(self) -> None:
+        self._channel.close()
+        self._server.kill()
+        self._server.wait()
+        self._runner.run(self._api.close())
+        self._runner.close()
+        self._dir.cleanup()
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "get_claim_p50_ms": pct(self.gets, 50),
+            "get_claim_p99_ms": pct(self.gets, 99),
+            "atomic_write_p50_ms": pct(self.writes, 50),
+            "atomic_write_p99_ms": pct(self.writes, 99),
+            "grpclib_rtt_p50_ms": pct(self.rtts, 50),
+            "grpclib_rtt_p99_ms": pct(self.rtts, 99),
+            "batch_gets_p50_ms": pct(self.batch_gets, 50) if self.batch_gets else 0.0,
+            "floor_samples": len(self.gets),
+        }
 
 
 class Client:
@@ -168,10 +236,13 @@ def _time_getinfo(plugin: PluginProcess, t0: float, out: dict[str, float]) -> No
             return
 
 
-def time_startup(cp: ControlPlane, workdir: Path) -> tuple[float, float, float, PluginProcess]:
-    """Seconds from process start to GetInfo answering, from the registration socket
-    appearing to GetInfo answering (the kubelet asks as soon as it sees the socket,
-    with a 1 s timeout), and from start to the slice being visible."""
+def time_startup(
+    cp: ControlPlane, workdir: Path
+) -> tuple[float, float, float, float, PluginProcess]:
+    """Seconds from process start to the registration socket appearing, to GetInfo
+    answering, from the socket appearing to GetInfo answering (the kubelet asks as
+    soon as it sees the socket, with a 1 s timeout), and from start to the slice
+    being visible."""
     plugin = PluginProcess(cp, NODE, workdir, total_credits=2000, extra_args=("-v0",))
     t0 = time.perf_counter()
     plugin.start(wait=False)
@@ -193,7 +264,7 @@ def time_startup(cp: ControlPlane, workdir: Path) -> tuple[float, float, float, 
     watcher.join()
     if "getinfo" not in seen:
         raise RuntimeError(f"GetInfo never answered:\n{plugin.log()}")
-    return seen["getinfo"], seen["getinfo"] - seen["socket"], slice_seen, plugin
+    return seen["socket"], seen["getinfo"], seen["getinfo"] - seen["socket"], slice_seen, plugin
 
 
 def main() -> None:
@@ -204,6 +275,13 @@ def main() -> None:
     parser.add_argument(
         "--soak", type=int, default=10000, help="prepare/unprepare cycles for RSS growth"
     )
+    parser.add_argument(
+        "--held",
+        default="0,100,1000",
+        help="claims already prepared for the filled-node figures (comma-separated; 0 is "
+        "the empty node measured in the same phase, the reference of the others)",
+    )
+    parser.add_argument("--held-cycles", type=int, default=100, help="cycles per filled figure")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="power-dra-bench-"))
@@ -213,18 +291,26 @@ def main() -> None:
         cp.create_node(NODE)
         cp.create_namespace(NS)
         # Start-up is measured before anything else loads the machine.
-        getinfo_s, socket_getinfo_s, slice_s, plugin = time_startup(cp, work / "node")
+        socket_s, getinfo_s, socket_getinfo_s, slice_s, plugin = time_startup(cp, work / "node")
         time.sleep(2)
         rss_idle = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
 
         async def setup() -> list[tuple[str, str]]:
             cfg = await load_cluster_config(cp.kubeconfig)
             async with ApiClient(cfg, qps=0) as api:
-                return await make_claims(api, args.cycles + args.batches * args.batch_size)
+                return await make_claims(
+                    api, args.cycles + args.batches * args.batch_size + max(held_levels, default=0)
+                )
 
+        held_levels = [int(n) for n in args.held.split(",") if n]
         claims = asyncio.run(setup())
-        singles, batch_claims = claims[: args.cycles], claims[args.cycles :]
+        singles = claims[: args.cycles]
+        batch_claims = claims[args.cycles : args.cycles + args.batches * args.batch_size]
+        fill = claims[args.cycles + args.batches * args.batch_size :]
         client = Client(plugin)
+        floor_sampler = Floor(cp.kubeconfig, claims[0][0])
+        pid = plugin.process.pid  # type: ignore[union-attr]
+        cpu_start = cpu_seconds(pid)
         for c in singles[:10]:  # warm-up
             client.prepare([c])
             client.unprepare([c])
@@ -232,18 +318,50 @@ def main() -> None:
         for c in singles:
             prep.append(client.prepare([c]))
             unprep.append(client.unprepare([c]))
+            floor_sampler.sample()
         batch = []
         for i in range(args.batches):
             group = batch_claims[i * args.batch_size : (i + 1) * args.batch_size]
             batch.append(client.prepare(group))
             client.unprepare(group)
+            floor_sampler.sample_batch(len(group))
+        cpu_run = cpu_seconds(pid) - cpu_start
+        floor = floor_sampler.figures()
+        # The node fills up: the cost of one claim with N already prepared.
+        held: dict[int, dict[str, float]] = {}
+        done = 0
+        for level in held_levels:
+            while done < level:
+                group = fill[done : min(level, done + args.batch_size)]
+                client.prepare(group)
+                done += len(group)
+            p, u = [], []
+            first = len(floor_sampler.gets)
+            for c in singles[: args.held_cycles]:
+                p.append(client.prepare([c]))
+                u.append(client.unprepare([c]))
+                floor_sampler.sample()
+            # This phase's own floor: a load burst during one phase moves both.
+            phase = {
+                k: pct(getattr(floor_sampler, k)[first:], 50) for k in ("gets", "writes", "rtts")
+            }
+            held[level] = {
+                "prepare_p50_ms": pct(p, 50),
+                "prepare_p99_ms": pct(p, 99),
+                "unprepare_p50_ms": pct(u, 50),
+                "state_kib": state_kib(plugin),
+                "prepare_floor_ms": phase["gets"] + phase["writes"] + phase["rtts"],
+                "unprepare_floor_ms": phase["writes"] + phase["rtts"],
+            }
+        for i in range(0, done, args.batch_size):
+            client.unprepare(fill[i : min(done, i + args.batch_size)])
         rss_before_soak = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
         for i in range(args.soak):
             c = singles[i % len(singles)]
             client.prepare([c])
             client.unprepare([c])
         rss_after = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
-        floor = measure_floor(cp.kubeconfig, singles[0][0])
+        floor_sampler.close()
     finally:
         if plugin is not None:
             plugin.stop()
@@ -256,6 +374,7 @@ def main() -> None:
         "unprepare_1_p99_ms": pct(unprep, 99),
         f"prepare_{args.batch_size}_p50_ms": pct(batch, 50),
         f"prepare_{args.batch_size}_p99_ms": pct(batch, 99),
+        "start_to_registration_socket_s": socket_s,
         "start_to_getinfo_s": getinfo_s,
         "socket_to_getinfo_s": socket_getinfo_s,
         "start_to_slice_s": slice_s,
@@ -263,42 +382,81 @@ def main() -> None:
         "rss_after_load_mib": rss_before_soak,
         f"rss_after_{args.soak}_cycles_mib": rss_after,
         "rss_growth_mib": rss_after - rss_before_soak,
+        "cpu_s_for_the_run": cpu_run,
+        "cpu_ms_per_cycle": cpu_run * 1000 / (args.cycles + args.batches),
+        **{f"held_{n}_{k}": v for n, figures in held.items() for k, v in figures.items()},
         **floor,
+        "load_average_1m": os.getloadavg()[0],
         "cycles": args.cycles,
         "batches": args.batches,
         "mean_prepare_ms": statistics.mean(prep) * 1000,
     }
-    targets = [
-        ("prepare 1 claim p99", result["prepare_1_p99_ms"], 9.0, "ms"),
-        ("unprepare 1 claim p99", result["unprepare_1_p99_ms"], 4.5, "ms"),
-        (
-            f"prepare {args.batch_size} claims p99",
-            result[f"prepare_{args.batch_size}_p99_ms"],
-            40.0,
-            "ms",
-        ),
-        ("start -> GetInfo", result["start_to_getinfo_s"], 0.5, "s"),
-        ("registration socket -> GetInfo", result["socket_to_getinfo_s"], 0.1, "s"),
-        ("start -> slice visible", result["start_to_slice_s"], 1.0, "s"),
-        ("RSS idle", result["rss_idle_mib"], 60.0, "MiB"),
-        (f"RSS growth over {args.soak} cycles", result["rss_growth_mib"], 5.0, "MiB"),
+    call_floor = {
+        # What a call cannot go below: its GET, its durable write, a gRPC round trip.
+        "prepare": floor["get_claim_p50_ms"]
+        + floor["atomic_write_p50_ms"]
+        + floor["grpclib_rtt_p50_ms"],
+        "unprepare": floor["atomic_write_p50_ms"] + floor["grpclib_rtt_p50_ms"],
+        # A batch: its GETs all at once, one durable write, one round trip.
+        "batch": floor["batch_gets_p50_ms"]
+        + floor["atomic_write_p50_ms"]
+        + floor["grpclib_rtt_p50_ms"],
+    }
+    bs = args.batch_size
+    rows: list[tuple[str, float, float | None, str, str | None]] = [
+        ("prepare 1 claim p50", result["prepare_1_p50_ms"], 4.5, "ms", "prepare"),
+        ("prepare 1 claim p90", result["prepare_1_p90_ms"], None, "ms", "prepare"),
+        ("prepare 1 claim p99", result["prepare_1_p99_ms"], 7.5, "ms", "prepare"),
+        ("unprepare 1 claim p50", result["unprepare_1_p50_ms"], 1.7, "ms", "unprepare"),
+        ("unprepare 1 claim p99", result["unprepare_1_p99_ms"], None, "ms", "unprepare"),
+        (f"prepare {bs} claims p50", result[f"prepare_{bs}_p50_ms"], 25.0, "ms", "batch"),
+        (f"prepare {bs} claims p99", result[f"prepare_{bs}_p99_ms"], None, "ms", "batch"),
     ]
-    floor_ms = floor["get_claim_p50_ms"] + floor["atomic_write_p50_ms"]
-    print(f"\n{'figure':36} {'value':>10} {'target':>10}  met  x floor")
-    for name, value, target, unit in targets:
-        ratio = f"{value / floor_ms:6.1f}" if unit == "ms" else "     -"
-        print(
-            f"{name:36} {value:8.2f}{unit:>2} {target:8.1f}{unit:>2}  {'yes' if value <= target else 'NO ':3}  {ratio}"
+    # The reference for a filled node: the empty node measured just before it.
+    empty_p50 = held[0]["prepare_p50_ms"] if 0 in held else result["prepare_1_p50_ms"]
+    for n in held_levels:
+        h = held[n]
+        call_floor[f"prepare {n}"] = h["prepare_floor_ms"]
+        call_floor[f"unprepare {n}"] = h["unprepare_floor_ms"]
+        rows.append(
+            (
+                f"prepare p50, {n} held ({h['state_kib']:.0f} KiB)",
+                h["prepare_p50_ms"],
+                1.2 * empty_p50,
+                "ms",
+                f"prepare {n}",
+            )
         )
+        rows.append(
+            (f"unprepare p50, {n} held", h["unprepare_p50_ms"], None, "ms", f"unprepare {n}")
+        )
+    rows += [
+        ("start -> registration socket", result["start_to_registration_socket_s"], 0.1, "s", None),
+        ("start -> GetInfo", result["start_to_getinfo_s"], None, "s", None),
+        ("registration socket -> GetInfo", result["socket_to_getinfo_s"], 0.1, "s", None),
+        ("start -> slice visible", result["start_to_slice_s"], 1.0, "s", None),
+        ("RSS idle", result["rss_idle_mib"], 41.0, "MiB", None),
+        ("RSS after load", result["rss_after_load_mib"], None, "MiB", None),
+        (f"RSS growth over {args.soak} cycles", result["rss_growth_mib"], 5.0, "MiB", None),
+        ("plugin CPU for the run", result["cpu_s_for_the_run"], None, "s", None),
+        ("plugin CPU per call", result["cpu_ms_per_cycle"] / 2, None, "ms", None),
+    ]
+    print(f"\n{'figure':40} {'value':>10} {'target':>10}  met  x floor")
+    for name, value, target, unit, kind in rows:
+        ratio = f"{value / call_floor[kind]:6.1f}" if kind else "     -"
+        goal = f"{target:8.2f}{unit:>3}" if target is not None else " " * 11
+        met = "   " if target is None else ("yes" if value <= target else "NO ")
+        print(f"{name:40} {value:8.2f}{unit:>3} {goal}  {met}  {ratio}")
     print(
-        f"\nprepare 1 claim p50/p90/p99: {result['prepare_1_p50_ms']:.2f} / "
-        f"{result['prepare_1_p90_ms']:.2f} / {result['prepare_1_p99_ms']:.2f} ms; "
-        f"unprepare p50/p99: {result['unprepare_1_p50_ms']:.2f} / {result['unprepare_1_p99_ms']:.2f} ms"
+        f"\nfloor (same run): GET claim p50 {floor['get_claim_p50_ms']:.2f} ms "
+        f"(p99 {floor['get_claim_p99_ms']:.2f}); atomic write+fsync p50 "
+        f"{floor['atomic_write_p50_ms']:.2f} ms (p99 {floor['atomic_write_p99_ms']:.2f}); "
+        f"grpclib round trip p50 {floor['grpclib_rtt_p50_ms']:.2f} ms "
+        f"(p99 {floor['grpclib_rtt_p99_ms']:.2f}); prepare floor {call_floor['prepare']:.2f} ms, "
+        f"unprepare floor {call_floor['unprepare']:.2f} ms; {bs} concurrent GETs p50 "
+        f"{floor['batch_gets_p50_ms']:.2f} ms, batch floor {call_floor['batch']:.2f} ms"
     )
-    print(
-        f"floor: GET claim p50 {floor['get_claim_p50_ms']:.2f} ms (p99 {floor['get_claim_p99_ms']:.2f}), "
-        f"atomic write+fsync p50 {floor['atomic_write_p50_ms']:.2f} ms (p99 {floor['atomic_write_p99_ms']:.2f})"
-    )
+    print(f"load average (1 min) at the end: {result['load_average_1m']:.1f}")
     out = RESULTS / "plugin.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"written {out}")

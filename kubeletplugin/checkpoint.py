@@ -1,12 +1,30 @@
 # SPDX-License-Identifier: Apache-2.0
 """The plugin's crash-safe state file: which claims are prepared on this node.
 
-Format (`checkpoint.json` in the plugin directory):
+Two files in the plugin directory. The snapshot `checkpoint.json`:
 
     {"version": 1, "bootId": "...", "checksum": "<sha256 hex>",
      "claims": {"<claim uid>": <PreparedClaim.to_dict()>, ...}}
 
-The checksum covers the canonical JSON (sorted keys, no whitespace) of the
+or, while the plugin runs, version 2, which adds `"journal": "<generation>"`:
+the journal `checkpoint.journal` then holds the changes made since, one line
+per batch of claims (appended and fdatasync'd, so a prepare or unprepare
+costs the same whether the node holds 1 claim or 1,000):
+
+    {"gen": "<generation>", "put": {"<uid>": <PreparedClaim>}, "del": ["<uid>"],
+     "checksum": "<sha256 hex>"}
+
+Lines of another generation are older than the snapshot (written before it
+was compacted) and ignored; a damaged last line is a write that never
+completed (its call was never answered) and is dropped; a damaged line
+followed by good ones makes the state untrusted. The journal is compacted
+into a new snapshot (new generation) when it outgrows the snapshot, and into
+a version-1 snapshot without journal when the plugin stops
+(`StateFile.close`). The previous release reads version 1 only: after a
+clean stop it finds its own format; after a crash it finds version 2, moves
+it aside as "unknown version" and rebuilds the claims from the CDI specs.
+
+Each checksum covers the canonical JSON (sorted keys, no whitespace) of the
 document without the `checksum` key, so it does not depend on how the file is
 laid out. A file that cannot be trusted is never fatal: it is moved aside and
 the claims are rebuilt from our CDI spec files, which carry each
@@ -26,7 +44,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -54,7 +73,9 @@ from kubeletplugin.ibm_state import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+JOURNALED_VERSION = 2  # a snapshot whose journal may hold later changes
 CHECKPOINT_FILE_NAME = "checkpoint.json"
+JOURNAL_FILE_NAME = "checkpoint.journal"
 LOCK_FILE_NAME = "checkpoint.lock"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -102,31 +123,56 @@ def encode_checkpoint(claims: Mapping[str, PreparedClaim], boot_id: str) -> byte
     )
 
 
+def journal_path(path: Path) -> Path:
+    """The journal next to the snapshot `path` (`checkpoint.json` -> `checkpoint.journal`)."""
+    return path.with_name(f"{path.stem}.journal")
+
+
 def decode_checkpoint(data: bytes) -> tuple[str, dict[str, PreparedClaim]]:
-    """Parse and verify checkpoint bytes; returns (boot ID, claims by UID).
+    """Parse and verify snapshot bytes; returns (boot ID, claims by UID).
+
+    The claims are the snapshot's only: see `read_state` for the journal.
 
     Raises:
         CheckpointError: not JSON, wrong checksum, unknown version, or
             malformed claims.
     """
+    boot_id, _, claims = decode_snapshot(data)
+    return boot_id, claims
+
+
+def decode_snapshot(data: bytes) -> tuple[str, str | None, dict[str, PreparedClaim]]:
+    """Like `decode_checkpoint`, plus the journal generation (None for version 1)."""
+    document = _verified_object(data)
+    version = document.get("version")
+    if version not in (CHECKPOINT_VERSION, JOURNALED_VERSION):
+        raise CheckpointError(
+            f"unknown version {version!r} (this plugin reads versions "
+            f"{CHECKPOINT_VERSION} and {JOURNALED_VERSION})"
+        )
+    gen = document.get("journal") if version == JOURNALED_VERSION else None
+    if version == JOURNALED_VERSION and not isinstance(gen, str):
+        raise CheckpointError("journal must be a string")
+    boot_id = document.get("bootId")
+    raw_claims = document.get("claims")
+    if not isinstance(boot_id, str) or not isinstance(raw_claims, dict):
+        raise CheckpointError("bootId must be a string and claims an object")
+    return boot_id, gen, _decode_claims(raw_claims)
+
+
+def _verified_object(data: bytes) -> dict[str, Any]:
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CheckpointError(f"not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise CheckpointError("not a JSON object")
-    version = document.get("version")
-    if version != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"unknown version {version!r} (this plugin reads version {CHECKPOINT_VERSION})"
-        )
-    checksum = document.get("checksum")
-    if checksum != checkpoint_checksum(document):
+    if document.get("checksum") != checkpoint_checksum(document):
         raise CheckpointError("checksum mismatch: the file was damaged or edited")
-    boot_id = document.get("bootId")
-    raw_claims = document.get("claims")
-    if not isinstance(boot_id, str) or not isinstance(raw_claims, dict):
-        raise CheckpointError("bootId must be a string and claims an object")
+    return document
+
+
+def _decode_claims(raw_claims: dict[str, Any]) -> dict[str, PreparedClaim]:
     claims: dict[str, PreparedClaim] = {}
     for uid, raw in raw_claims.items():
         try:
@@ -136,43 +182,140 @@ def decode_checkpoint(data: bytes) -> tuple[str, dict[str, PreparedClaim]]:
         if claim.uid != uid:
             raise CheckpointError(f"claim {uid}: entry holds claim {claim.uid}")
         claims[uid] = claim
-    return boot_id, claims
+    return claims
+
+
+def encode_snapshot(claims: Mapping[str, PreparedClaim], boot_id: str, gen: str) -> bytes:
+    """A version-2 snapshot: `claims`, to be followed by journal records of `gen`."""
+    document: dict[str, Any] = {
+        "version": JOURNALED_VERSION,
+        "bootId": boot_id,
+        "journal": gen,
+        "claims": {uid: claim.to_dict() for uid, claim in claims.items()},
+    }
+    document["checksum"] = checkpoint_checksum(document)
+    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+
+
+def encode_journal_record(
+    gen: str, put: Mapping[str, PreparedClaim], delete: Iterable[str] = ()
+) -> bytes:
+    """One journal line: claims `put` (prepared) and UIDs in `delete` (unprepared)."""
+    record: dict[str, Any] = {
+        "gen": gen,
+        "put": {uid: claim.to_dict() for uid, claim in put.items()},
+        "del": list(delete),
+    }
+    record["checksum"] = checkpoint_checksum(record)
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+
+
+def replay_journal(data: bytes, gen: str, claims: dict[str, PreparedClaim]) -> tuple[int, int]:
+    """Apply the journal's records of `gen` to `claims` in order.
+
+    Returns (records applied, length of the journal's good part): a damaged
+    or unterminated last record is a write that never completed and lies past
+    that length.
+
+    Raises:
+        CheckpointError: a damaged record followed by a good one.
+    """
+    applied, good_end, offset = 0, 0, 0
+    damaged: str | None = None
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        if end < 0:  # unterminated: the last write did not complete
+            break
+        line, offset = data[offset:end], end + 1
+        try:
+            record = _verified_object(line)
+            if not isinstance(record.get("gen"), str):
+                raise CheckpointError("gen must be a string")
+            if record["gen"] != gen:
+                good_end = offset if damaged is None else good_end
+                continue  # older than the snapshot, which holds its changes
+            put, delete = record.get("put"), record.get("del")
+            if not isinstance(put, dict) or not isinstance(delete, list):
+                raise CheckpointError("put must be an object and del a list")
+            changes = _decode_claims(put)
+        except CheckpointError as exc:
+            damaged = damaged or f"journal record at byte {offset - len(line) - 1}: {exc}"
+            continue
+        if damaged is not None:
+            raise CheckpointError(damaged)
+        for uid in delete:
+            claims.pop(str(uid), None)
+        claims.update(changes)
+        applied += 1
+        good_end = offset
+    return applied, good_end
+
+
+class StateInfo(NamedTuple):
+    """How the state was found on disk (for `StateFile`)."""
+
+    gen: str | None  # journal generation of the snapshot; None: no journal may be appended
+    journal_records: int
+    journal_clean: bool  # no damaged or unterminated tail
 
 
 def save_checkpoint(path: Path, claims: Mapping[str, PreparedClaim], boot_id: str) -> None:
-    """Write the checkpoint atomically (one write for a whole batch). Blocking."""
+    """Write a version-1 snapshot atomically and drop the journal. Blocking.
+
+    The result is the format of the previous release: what a plugin leaves
+    behind when it stops.
+    """
     atomic_write_bytes(path, encode_checkpoint(claims, boot_id), mode=0o600)
+    # Ignored next to a version-1 snapshot; removed so that nobody wonders.
+    journal_path(path).unlink(missing_ok=True)
 
 
 def load_checkpoint(
     path: Path, cdi_root: Path, *, boot_id_path: Path = BOOT_ID_PATH
 ) -> LoadedCheckpoint:
-    """Read the checkpoint; never raises. Blocking.
+    """Read the snapshot and its journal; never raises. Blocking.
 
     - No file: no claims (a fresh node).
-    - A file that cannot be read or trusted: moved aside to
-      `<name>.corrupt-<UTC timestamp>`, logged as an error, and the claims
-      are rebuilt from our CDI spec files in `cdi_root` (specs without a
-      readable claim annotation are skipped and reported). Nothing is
-      written back: the next `save_checkpoint` records the recovered claims.
+    - A file that cannot be read or trusted (a damaged journal included):
+      moved aside to `<name>.corrupt-<UTC timestamp>`, logged as an error,
+      and the claims are rebuilt from our CDI spec files in `cdi_root` (specs
+      without a readable claim annotation are skipped and reported). Nothing
+      is written back: the next save records the recovered claims.
     - Written in an earlier boot: the claims are kept, since the kubelet
       prepares its pods' claims again after a reboot; noted as a problem.
     - Written by IBM's Go driver (same path, its own format): its claims are
       adopted (see `ibm_state`), noted as a problem so that the caller writes
       them in our format; a damaged one is recovered like ours.
     """
+    return _load(path, cdi_root, boot_id_path)[0]
+
+
+def _load(
+    path: Path, cdi_root: Path, boot_id_path: Path = BOOT_ID_PATH
+) -> tuple[LoadedCheckpoint, StateInfo]:
+    no_journal = StateInfo(None, 0, True)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return LoadedCheckpoint({}, [])
+        return LoadedCheckpoint({}, []), no_journal
     except OSError as exc:
-        return _recover(path, cdi_root, f"cannot read it: {exc}")
+        return _recover(path, cdi_root, f"cannot read it: {exc}"), no_journal
     if _is_ibm_checkpoint(data):
-        return _adopt_ibm_checkpoint(path, cdi_root, data)
+        return _adopt_ibm_checkpoint(path, cdi_root, data), no_journal
     try:
-        saved_boot_id, claims = decode_checkpoint(data)
+        saved_boot_id, gen, claims = decode_snapshot(data)
+        info = no_journal
+        if gen is not None:
+            try:
+                journal = journal_path(path).read_bytes()
+            except FileNotFoundError:
+                journal = b""
+            applied, good_end = replay_journal(journal, gen, claims)
+            info = StateInfo(gen, applied, good_end == len(journal))
     except (ValueError, TypeError) as exc:  # CheckpointError, and anything unforeseen
-        return _recover(path, cdi_root, str(exc))
+        return _recover(path, cdi_root, str(exc)), no_journal
+    except OSError as exc:
+        return _recover(path, cdi_root, f"cannot read its journal: {exc}"), no_journal
     current_boot_id = read_boot_id(boot_id_path)
     if saved_boot_id and current_boot_id and saved_boot_id != current_boot_id:
         note = (
@@ -181,8 +324,126 @@ def load_checkpoint(
             "them again and their CDI specs are re-created then"
         )
         log.warning("%s", note)
-        return LoadedCheckpoint(claims, [note])
-    return LoadedCheckpoint(claims, [])
+        return LoadedCheckpoint(claims, [note]), info
+    return LoadedCheckpoint(claims, []), info
+
+
+def read_state(path: Path) -> dict[str, PreparedClaim]:
+    """The prepared claims the snapshot and its journal hold; reads only. Blocking.
+
+    Raises:
+        CheckpointError: the state cannot be trusted.
+        OSError: it cannot be read.
+    """
+    _, gen, claims = decode_snapshot(path.read_bytes())
+    if gen is not None:
+        try:
+            journal = journal_path(path).read_bytes()
+        except FileNotFoundError:
+            journal = b""
+        replay_journal(journal, gen, claims)
+    return claims
+
+
+class StateFile:
+    """The state file of one running plugin: appends to the journal, compacts it.
+
+    The caller holds the `StateLock` around every call and keeps the claims
+    in memory; `changed_on_disk` says when another instance wrote since.
+    """
+
+    def __init__(self, path: Path, boot_id: str, *, min_compact_bytes: int = 256 * 1024) -> None:
+        self.path = path
+        self.journal = journal_path(path)
+        self.boot_id = boot_id
+        self.min_compact_bytes = min_compact_bytes
+        self._gen: str | None = None
+        self._snapshot_bytes = 0
+        self._journal_bytes = 0
+        self._signature: tuple[object, object] | None = None
+
+    def load(self, cdi_root: Path) -> tuple[LoadedCheckpoint, bool]:
+        """Read the state; returns it and whether it should be compacted (`save`) now."""
+        loaded, info = _load(self.path, cdi_root)
+        self._gen = info.gen if info.journal_clean else None
+        self._journal_bytes = _size(self.journal)
+        self._snapshot_bytes = _size(self.path)
+        self._signature = self._stat()
+        return loaded, info.journal_records > 0 or not info.journal_clean
+
+    def changed_on_disk(self) -> bool:
+        """Whether someone else wrote the state since our last load or write."""
+        return self._stat() != self._signature
+
+    def record(
+        self,
+        claims: Mapping[str, PreparedClaim],
+        put: Mapping[str, PreparedClaim],
+        delete: Iterable[str] = (),
+    ) -> None:
+        """Make a change durable: `claims` is the state after it (`put` added, `delete` gone).
+
+        One append and fdatasync of the journal; a new snapshot instead when
+        there is no journal yet or it has outgrown the snapshot.
+        """
+        limit = max(self.min_compact_bytes, 2 * self._snapshot_bytes)
+        if self._gen is None or self._journal_bytes > limit:
+            self.save(claims)
+            return
+        line = encode_journal_record(self._gen, put, delete)
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._journal_bytes = st.st_size
+        self._signature = (self._signature[0] if self._signature else None, _sig(st))
+
+    def save(self, claims: Mapping[str, PreparedClaim]) -> None:
+        """Compact: a new snapshot of `claims` (new generation), then an empty journal."""
+        gen = uuid.uuid4().hex
+        data = encode_snapshot(claims, self.boot_id, gen)
+        atomic_write_bytes(self.path, data, mode=0o600)
+        # Records of the old generation are ignored from here on: emptying the
+        # journal need not be durable, its existence must (appends only fdatasync).
+        existed = self.journal.exists()
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        if not existed:
+            fsync_directory(self.journal.parent)
+        self._gen = gen
+        self._snapshot_bytes = len(data)
+        self._journal_bytes = 0
+        self._signature = self._stat()
+
+    def close(self, claims: Mapping[str, PreparedClaim]) -> None:
+        """Leave a version-1 snapshot and no journal (what the previous release reads)."""
+        save_checkpoint(self.path, claims, self.boot_id)
+        self._gen = None
+        self._signature = self._stat()
+
+    def _stat(self) -> tuple[object, object]:
+        return _file_sig(self.path), _file_sig(self.journal)
+
+
+def _sig(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _file_sig(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _sig(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def _size(path: Path) -> int:
+    sig = _file_sig(path)
+    return sig[1] if sig else 0
 
 
 def _is_ibm_checkpoint(data: bytes) -> bool:
@@ -225,6 +486,9 @@ def _recover(path: Path, cdi_root: Path, reason: str) -> LoadedCheckpoint:
         moved: str = str(_move_aside(path))
     except OSError as exc:
         moved = f"nowhere (moving it failed: {exc})"
+    # The journal only means something on top of its snapshot.
+    with contextlib.suppress(OSError):
+        journal_path(path).unlink(missing_ok=True)
     claims: dict[str, PreparedClaim] = {}
     try:
         specs = list_claim_specs(cdi_root)
@@ -418,7 +682,8 @@ def describe_state(path: Path, cdi_root: Path) -> dict[str, Any]:
                 claims = decode_ibm_checkpoint(data)
             else:
                 report["owner"] = "power-dra-driver"
-                report["bootId"], claims = decode_checkpoint(data)
+                report["bootId"], _, _ = decode_snapshot(data)
+                claims = read_state(path)
         except (ValueError, TypeError) as exc:
             report["problem"] = f"{exc} (the plugin moves it aside at start)"
     try:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, cast
 
 import anyio
 from grpclib.const import Cardinality, Handler, Status
@@ -621,6 +621,52 @@ def listen_unix(path: Path, *, mode: int = 0o600, backlog: int = 128) -> socket.
     return sock
 
 
+class _CoalescingTransport:
+    """A transport that sends everything one turn of the event loop wrote in one go.
+
+    grpclib (0.4) writes each HTTP/2 piece of an answer as soon as h2 makes
+    it: the headers, the data and the trailers of a unary answer, and
+    window updates, each its own `write`, so its own system call and its own
+    wake-up of the kubelet's reader. Queued and sent by one callback at the
+    end of the loop turn, they leave as one write. Everything else goes to
+    the real transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _TrackedProtocol(asyncio.Protocol):
     """grpclib's connection protocol, with the transport remembered so that
     shutdown can close it: grpclib's Server.close() leaves accepted
@@ -634,7 +680,7 @@ class _TrackedProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         self._transports.add(transport)
-        self._inner.connection_made(transport)
+        self._inner.connection_made(_CoalescingTransport(cast(asyncio.Transport, transport)))
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)

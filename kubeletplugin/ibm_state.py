@@ -325,8 +325,13 @@ def remove_ibm_specs(
             continue
         if remove_durably(cdi_root / name, durable=False):
             removed.append(name)
-    if not any(uses_ibm_specs(c) for c in remaining) and remove_durably(
-        cdi_root / IBM_COMMON_SPEC_FILE, durable=False
+    # Looking for the common spec first: without it (a node that never ran IBM's
+    # driver, or one whose take-over is complete) the claims need no scan.
+    common = cdi_root / IBM_COMMON_SPEC_FILE
+    if (
+        common.exists()
+        and not any(uses_ibm_specs(c) for c in remaining)
+        and remove_durably(common, durable=False)
     ):
         removed.append(IBM_COMMON_SPEC_FILE)
     return removed

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from controller.http_server import serve_http
-from controller.metrics import Registry
 from controller.names import DEVICE_PATH, DRIVER_NAME
 from controller.slices import Device
 
@@ -29,6 +27,8 @@ from .grpc_service import DeviceHealth, PluginServers, SocketPaths
 from .node_discovery import device_options, discover_node
 
 if TYPE_CHECKING:
+    from controller.metrics import Registry
+
     from .publisher import SlicePublisher
 
 log = logging.getLogger("kubeletplugin")
@@ -143,11 +143,14 @@ async def run_plugin(args: argparse.Namespace) -> None:
         with anyio.move_on_after(GET_INFO_HEAD_START):
             await servers.info_answered.wait()
         await _serve_cluster_side(args, view, driver, sockets)
+    # The sockets are gone: leave the state in the format the previous release reads.
+    await anyio.to_thread.run_sync(driver.close_state)
     log.info("stopped")
 
 
 CLUSTER_SIDE_MODULES = (
     "controller.apiclient",
+    "controller.http_server",
     "controller.kubeconfig",
     "kubeletplugin.publisher",
     "kubeletplugin.self_probe",
@@ -176,10 +179,20 @@ def _import_cluster_side() -> None:
 async def _serve_cluster_side(
     args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
 ) -> None:
-    await anyio.to_thread.run_sync(_import_cluster_side)
+    # The import thread holds the GIL for up to the switch interval (5 ms) each
+    # time the event loop wants it: the kubelet's GetInfo, which needs the loop a
+    # few dozen times, would wait ~0.2 s. A short interval while importing.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        await anyio.to_thread.run_sync(_import_cluster_side)
+    finally:
+        sys.setswitchinterval(interval)
     # Already imported: these are dictionary lookups now.
     from controller.apiclient import ApiClient
+    from controller.http_server import serve_http
     from controller.kubeconfig import load_cluster_config
+    from controller.metrics import Registry
 
     from .publisher import SlicePublisher
     from .self_probe import SelfProbe

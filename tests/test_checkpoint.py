@@ -24,11 +24,14 @@ from kubeletplugin.checkpoint import (
     CHECKPOINT_FILE_NAME,
     KEEP_CORRUPT_COPIES,
     LOCK_FILE_NAME,
+    StateFile,
     StateLock,
     checkpoint_checksum,
     encode_checkpoint,
+    journal_path,
     load_checkpoint,
     read_boot_id,
+    read_state,
     save_checkpoint,
 )
 from kubeletplugin.claims import CDI_KIND, PreparedClaim, PreparedDevice
@@ -120,6 +123,94 @@ def test_no_claims_is_a_valid_checkpoint(node: Node) -> None:
     assert node.load() == ({}, [])
 
 
+# --- journal ------------------------------------------------------------------------------
+
+UID_C = "4f1c2d3e-0000-4000-8000-00000000000c"
+
+
+def journaled(node: Node) -> StateFile:
+    """A state file as the running plugin keeps it: snapshot of A, journal adds B, drops A."""
+    state = StateFile(node.checkpoint, BOOT)
+    state.load(node.cdi_root)
+    state.record({UID_A: CLAIMS[UID_A]}, {UID_A: CLAIMS[UID_A]})  # first write: a snapshot
+    state.record(CLAIMS, {UID_B: CLAIMS[UID_B]})
+    state.record({UID_B: CLAIMS[UID_B]}, {}, [UID_A])
+    return state
+
+
+def test_journal_records_are_replayed_on_load(node: Node) -> None:
+    journaled(node)
+    assert orjson.loads(node.checkpoint.read_bytes())["version"] == 2
+    assert len(journal_path(node.checkpoint).read_bytes().splitlines()) == 2
+    assert node.load() == ({UID_B: CLAIMS[UID_B]}, [])
+    assert read_state(node.checkpoint) == {UID_B: CLAIMS[UID_B]}
+
+
+def test_an_unfinished_last_journal_record_is_dropped(node: Node) -> None:
+    journaled(node)
+    journal = journal_path(node.checkpoint)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:-9])  # cut mid-record
+    assert node.load() == (CLAIMS, [])
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:-9] + b"\n")  # damaged, terminated
+    assert node.load() == (CLAIMS, [])
+    assert node.moved_aside() == []
+
+
+def test_a_damaged_journal_record_followed_by_a_good_one_is_recovered_from_specs(
+    node: Node,
+) -> None:
+    journaled(node)
+    node.write_specs({UID_B: CLAIMS[UID_B]})
+    journal = journal_path(node.checkpoint)
+    first, second = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(first.replace(b"nx-gzip", b"nx-gzap") + second)
+    claims, problems = node.load()
+    assert claims == {UID_B: CLAIMS[UID_B]}
+    assert "checksum mismatch" in problems[0]
+    assert len(node.moved_aside()) == 1
+    assert not journal.exists()
+
+
+def test_compaction_makes_older_journal_records_stale(node: Node) -> None:
+    state = journaled(node)
+    journal = journal_path(node.checkpoint)
+    old = journal.read_bytes()
+    state.save({UID_C: prepared(UID_C)})
+    assert journal.read_bytes() == b""
+    journal.write_bytes(old)  # as if emptying it had not reached the disk
+    assert node.load() == ({UID_C: prepared(UID_C)}, [])
+
+
+def test_a_journal_that_outgrows_the_snapshot_is_compacted(node: Node) -> None:
+    state = StateFile(node.checkpoint, BOOT, min_compact_bytes=0)
+    state.load(node.cdi_root)
+    claims: dict[str, PreparedClaim] = {}
+    for _ in range(20):
+        state.record(claims, {UID_A: CLAIMS[UID_A]})
+        state.record(claims, {}, [UID_A])
+    assert len(journal_path(node.checkpoint).read_bytes()) < 4 * node.checkpoint.stat().st_size
+    assert node.load() == ({}, [])
+
+
+def test_closing_leaves_the_previous_release_format(node: Node) -> None:
+    state = journaled(node)
+    state.close({UID_B: CLAIMS[UID_B]})
+    document = orjson.loads(node.checkpoint.read_bytes())
+    assert document["version"] == 1
+    assert set(document["claims"]) == {UID_B}
+    assert not journal_path(node.checkpoint).exists()
+    assert node.load() == ({UID_B: CLAIMS[UID_B]}, [])
+
+
+def test_a_version_1_snapshot_ignores_a_leftover_journal(node: Node) -> None:
+    journaled(node)
+    journal = journal_path(node.checkpoint).read_bytes()
+    save_checkpoint(node.checkpoint, {UID_C: prepared(UID_C)}, BOOT)
+    journal_path(node.checkpoint).write_bytes(journal)  # the crash before its removal
+    assert node.load() == ({UID_C: prepared(UID_C)}, [])
+
+
 def test_the_same_claims_encode_to_the_same_bytes() -> None:
     reordered = dict(reversed(CLAIMS.items()))
     assert encode_checkpoint(CLAIMS, BOOT) == encode_checkpoint(reordered, BOOT)
@@ -195,7 +286,7 @@ def _bad_checksum(data: bytes) -> bytes:
 
 def _wrong_version(data: bytes) -> bytes:
     document = orjson.loads(data)
-    document["version"] = 2
+    document["version"] = 3
     document["checksum"] = checkpoint_checksum(document)
     return orjson.dumps(document)
 
@@ -222,7 +313,7 @@ def _empty(data: bytes) -> bytes:
         (_garbage, "not valid JSON"),
         (_empty, "not valid JSON"),
         (_bad_checksum, "checksum mismatch"),
-        (_wrong_version, "unknown version 2"),
+        (_wrong_version, "unknown version 3"),
         (_not_an_object, "not a JSON object"),
         (_malformed_claim, f"claim {UID_A}"),
     ],

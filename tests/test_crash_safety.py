@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kubeletplugin.checkpoint import read_state
 from kubeletplugin.ibm_state import (
     IBM_COMMON_SPEC_FILE,
     decode_ibm_checkpoint,
@@ -126,7 +127,7 @@ def allocate_first_available_claim(cp: ControlPlane, ns: str, node: str, cls: st
 def checkpoint_claims(plugin: PluginProcess) -> set[str]:
     if not plugin.checkpoint.exists():
         return set()
-    return set(json.loads(plugin.checkpoint.read_text())["claims"])
+    return set(read_state(plugin.checkpoint))  # the snapshot and its journal
 
 
 def spec_claims(plugin: PluginProcess) -> set[str]:
@@ -142,7 +143,7 @@ def leftovers(plugin: PluginProcess) -> list[str]:
     checkpoint, its lock, sockets, nor moved-aside checkpoints."""
     found = [n for n in os.listdir(plugin.cdi_root) if not n.startswith(SPEC_PREFIX)]
     for n in os.listdir(plugin.plugin_dir):
-        if n in ("checkpoint.json", "checkpoint.lock") or n.endswith(".sock"):
+        if n in ("checkpoint.json", "checkpoint.journal", "checkpoint.lock") or n.endswith(".sock"):
             continue
         if n.startswith("checkpoint.json.corrupt-"):
             continue
@@ -477,7 +478,7 @@ def adopted_state(plugin: PluginProcess) -> tuple[str, set[str]]:
     data = plugin.checkpoint.read_bytes()
     if b'"version"' not in data:
         return "ibm", set(decode_ibm_checkpoint(data))  # raises if damaged
-    return "ours", set(json.loads(data)["claims"])
+    return "ours", set(read_state(plugin.checkpoint))
 
 
 def test_adoption_of_ibm_state_survives_kill_9(cluster: Cluster) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
-from kubeletplugin.checkpoint import read_boot_id, save_checkpoint
+from kubeletplugin.checkpoint import read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
 from kubeletplugin.driver import DriverPaths, NxDriver
 
@@ -74,7 +74,7 @@ def spec_path(paths: DriverPaths, uid: str) -> Path:
 
 
 def checkpoint_uids(paths: DriverPaths) -> set[str]:
-    return set(json.loads(paths.checkpoint.read_text())["claims"])
+    return set(read_state(paths.checkpoint))
 
 
 # --- start-up ---------------------------------------------------------------------------

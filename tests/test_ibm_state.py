@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubeletplugin.cdi import spec_file_name
-from kubeletplugin.checkpoint import load_checkpoint
+from kubeletplugin.checkpoint import load_checkpoint, read_state
 from kubeletplugin.claims import ClaimRef
 from kubeletplugin.devices import DeviceOptions, build_devices
 from kubeletplugin.discovery import discover
@@ -167,7 +167,7 @@ def test_start_replaces_ibm_state_file_with_ours_holding_its_claims(paths: Drive
     driver = new_driver(paths)
     problems = driver.load_state()
     assert any("IBM's driver" in p for p in problems)
-    assert set(json.loads(paths.checkpoint.read_text())["claims"]) == {UID, OTHER_UID}
+    assert set(read_state(paths.checkpoint)) == {UID, OTHER_UID}
     # IBM's specs stay untouched: running containers resolve their CDI IDs through them.
     assert cdi_files(paths) == {
         IBM_COMMON_SPEC_FILE,
@@ -218,7 +218,7 @@ async def test_unprepare_removes_ibm_claim_spec_and_the_common_one_with_the_last
     assert cdi_files(paths) == {IBM_COMMON_SPEC_FILE, ibm_claim_spec_file(OTHER_UID)}
     await driver.unprepare_claims([ClaimRef("ns", OTHER_UID, "other")])
     assert cdi_files(paths) == set()
-    assert json.loads(paths.checkpoint.read_text())["claims"] == {}
+    assert read_state(paths.checkpoint) == {}
     assert changes == [1, 0]
 
 
@@ -234,7 +234,7 @@ def test_an_ibm_node_without_claims_is_left_with_nothing_of_ibm(paths: DriverPat
     ibm_node(paths)
     new_driver(paths).load_state()
     assert cdi_files(paths) == set()
-    assert json.loads(paths.checkpoint.read_text())["claims"] == {}
+    assert read_state(paths.checkpoint) == {}
 
 
 def test_our_own_specs_are_not_taken_for_ibm_ones(paths: DriverPaths) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubeletplugin.checkpoint import read_state
 from tests.dra_objects import allocate_claims, claim, claim_spec, device_class, pod, template
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import DRIVER, PluginProcess
@@ -49,8 +50,8 @@ class Node:
         return data
 
     def checkpoint_claims(self) -> dict[str, Any]:
-        claims: dict[str, Any] = json.loads(self.plugin.checkpoint.read_text())["claims"]
-        return claims
+        # The snapshot and its journal.
+        return {uid: c.to_dict() for uid, c in read_state(self.plugin.checkpoint).items()}
 
     def claim_uid(self, ns: str, name: str) -> str:
         obj = json.loads(
@@ -381,7 +382,7 @@ class Rolling:
     claims: list[ClaimName]
 
     def checkpoint_claims(self) -> set[str]:
-        return set(json.loads(self.new.checkpoint.read_text())["claims"])
+        return set(read_state(self.new.checkpoint))
 
     def spec_path(self, uid: str) -> Path:
         return self.new.cdi_root / f"{SPEC_PREFIX}{uid}.json"

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from kubeletplugin.checkpoint import read_state
 from tests.dra_objects import device_class
 from tests.fake_sysfs import VAS_GZIP_DIR, make_powervm_tree, write_sysfs_file
 
@@ -971,12 +972,11 @@ disabled_plugins = [
         return path.read_text(errors="replace") if path.exists() else ""
 
     def checkpoint_claims(self) -> dict[str, Any]:
-        """The claims in the plugin's state file (by UID)."""
+        """The claims in the plugin's state file, its journal included (by UID)."""
         path = self.kubelet_dir / "plugins" / DRIVER / "checkpoint.json"
         if not path.exists():
             return {}
-        claims: dict[str, Any] = json.loads(path.read_text())["claims"]
-        return claims
+        return {uid: claim.to_dict() for uid, claim in read_state(path).items()}
 
     def cdi_specs(self) -> list[str]:
         return sorted(p.name for p in self.cdi_dir.iterdir() if p.suffix in (".json", ".yaml"))
