@@ -250,34 +250,16 @@ class ApiClient:
                 made-up body).
         """
         what = what or _describe(method, path)
-        try:
-            return await self._request_once(
-                method, path, params=params, body=body, content_type=content_type, what=what
-            )
-        except Unauthorized:
-            plugin = self.config.exec_plugin
-            if plugin is None:
-                raise
-            log.info("API server refused our exec credential; fetching a new one")
-            plugin.invalidate(plugin.valid())
-            return await self._request_once(
-                method, path, params=params, body=body, content_type=content_type, what=what
-            )
-
-    async def _request_once(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None,
-        body: Any,
-        content_type: str,
-        what: str,
-    ) -> Any:
-        what = what or _describe(method, path)
+        plugin = self.config.exec_plugin
         status, raw = await self._send(
             method, path, params=params, body=body, content_type=content_type, what=what
         )
+        if status == 401 and plugin is not None:
+            log.info("API server refused our exec credential; fetching a new one")
+            plugin.invalidate(plugin.valid())
+            status, raw = await self._send(
+                method, path, params=params, body=body, content_type=content_type, what=what
+            )
         return _decode_answer(status, raw, what)
 
     # --- object verbs -------------------------------------------------------------
