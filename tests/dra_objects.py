@@ -123,3 +123,26 @@ def allocate_claims(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(allocated)} of {count} claims allocated after {timeout} s")
         time.sleep(0.1)
+
+
+def ready_for_real_nodes(cp: ControlPlane, namespace: str) -> None:
+    """What every real-node test needs first: the machine's requirements (a skip
+    naming what is missing), containerd, the API server allowed to reach kubelets
+    (exec, logs), the driver's DeviceClass and `namespace`."""
+    import subprocess
+
+    import pytest
+
+    from tests.harness.node import allow_kubelet_api_access, ensure_containerd, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip("a real node needs " + "; ".join(missing))
+    try:
+        ensure_containerd()
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"containerd >= 1.7 unavailable (hack/fetch-containerd.sh failed: {exc})")
+    allow_kubelet_api_access(cp)
+    cp.apply(device_class(DRIVER, version=cp.release.resource_version))
+    if cp.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+        cp.create_namespace(namespace)

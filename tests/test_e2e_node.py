@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -22,15 +21,12 @@ from typing import Any
 import pytest
 
 from kubeletplugin.cdi import spec_file_name
-from tests.dra_objects import device_class
+from tests.dra_objects import ready_for_real_nodes
 from tests.harness.cluster import ControlPlane, yaml_stream
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     Api,
     RealNode,
-    allow_kubelet_api_access,
-    ensure_containerd,
-    missing_requirements,
     wait_for,
 )
 from tests.harness.plugin import DRIVER
@@ -103,18 +99,8 @@ def real_node(
 ) -> Iterator[RealNode]:
     """One real node (`node-0`) joined to the session's control plane, with our
     DeviceClass, a namespace and claim templates; the host is checked after it."""
-    missing = missing_requirements()
-    if missing:
-        pytest.skip("a real node needs " + "; ".join(missing))
-    try:
-        ensure_containerd()
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"containerd >= 1.7 unavailable (hack/fetch-containerd.sh failed: {exc})")
     cp = control_plane
-    allow_kubelet_api_access(cp)
-    cp.apply(device_class(DRIVER, version=cp.release.resource_version))
-    if cp.kubectl("get", "namespace", NS, check=False).returncode != 0:
-        cp.create_namespace(NS)
+    ready_for_real_nodes(cp, NS)
     cp.apply(_templates())
     node = RealNode(cp, tmp_path_factory.mktemp("real-node")).start()
     try:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,11 @@ from kubeletplugin.ibm_state import (
     ibm_cdi_device_ids,
     ibm_claim_spec_file,
 )
-from tests.dra_objects import device_class
+from tests.dra_objects import ready_for_real_nodes
 from tests.harness.cluster import ControlPlane
 from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     RealNode,
-    allow_kubelet_api_access,
-    ensure_containerd,
-    missing_requirements,
     wait_for,
 )
 from tests.harness.plugin import DRIVER
@@ -86,18 +82,8 @@ def ibm_node(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RealNode, IbmDriverStandin]]:
     """A real node whose NX-gzip is served by IBM's driver (the stand-in), registered."""
-    missing = missing_requirements()
-    if missing:
-        pytest.skip("a real node needs " + "; ".join(missing))
-    try:
-        ensure_containerd()
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"containerd >= 1.7 unavailable (hack/fetch-containerd.sh failed: {exc})")
     cp = control_plane
-    allow_kubelet_api_access(cp)
-    cp.apply(device_class(DRIVER, version=cp.release.resource_version))
-    if cp.kubectl("get", "namespace", NS, check=False).returncode != 0:
-        cp.create_namespace(NS)
+    ready_for_real_nodes(cp, NS)
     cp.apply([_template()])
     node = RealNode(cp, tmp_path_factory.mktemp("migration-node"), NODE)
     node.start(with_plugin=False)
