@@ -31,8 +31,9 @@ deps:
 
 # The driver's image from the Containerfile (buildah, local stand-ins for the
 # UBI bases, no registry): prints the docker-archive tarball and figures.
+# ARCH=ppc64le builds the ppc64le image under qemu (binfmt in a private user namespace).
 image: deps venv
-	$(PY) -m tests.harness.driver_image build
+	$(PY) -m tests.harness.driver_image build $(if $(ARCH),--arch $(ARCH))
 
 tools:
 	hack/build-tools.sh
