@@ -232,7 +232,9 @@ def read_sysfs_files(sysfs_root: Path) -> dict[str, str | None]:
     """The `files` mapping `parse_inventory` expects, read from a sysfs tree."""
     files: dict[str, str | None] = {}
     for rel in MARKER_DIRS:
-        if (sysfs_root / rel).exists():
+        # os.path.exists, not Path.exists: a directory this user may not search
+        # (EACCES, e.g. /sys/firmware as non-root) counts as absent, not as a crash.
+        if os.path.exists(sysfs_root / rel):
             files[rel] = ""
     for rel in known_files():
         path = sysfs_root / rel
@@ -257,6 +259,6 @@ def discover(sysfs_root: Path, device_node: Path, cpuinfo_path: Path | None = No
     cpuinfo = _read_file(cpuinfo_path, _CPUINFO_READ_LIMIT) if cpuinfo_path is not None else None
     return parse_inventory(
         read_sysfs_files(sysfs_root),
-        device_node_present=device_node.exists(),
+        device_node_present=os.path.exists(device_node),
         cpuinfo=cpuinfo,
     )
