@@ -58,14 +58,23 @@ def helm(
 ) -> subprocess.CompletedProcess[str]:
     """Run the pinned helm without touching the user's helm configuration."""
     home = Path(tempfile.gettempdir()) / "power-dra-driver-helm"
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        **{f"HELM_{d}_HOME": str(home / d.lower()) for d in ("CONFIG", "CACHE", "DATA")},
-    }
-    proc = subprocess.run(
-        [str(tool("helm")), *args], capture_output=True, text=True, check=False, env=env, cwd=cwd
-    )
+    with tempfile.TemporaryDirectory(prefix="helm-kube-cache-") as kube_cache:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            **{f"HELM_{d}_HOME": str(home / d.lower()) for d in ("CONFIG", "CACHE", "DATA")},
+            # No discovery cache shared between control planes: it is keyed by
+            # host:port, and ports are reused by servers of other releases.
+            "KUBECACHEDIR": kube_cache,
+        }
+        proc = subprocess.run(
+            [str(tool("helm")), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+            cwd=cwd,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
     return proc

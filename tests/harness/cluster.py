@@ -597,7 +597,15 @@ class ControlPlane:
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this control plane (admin unless told otherwise)."""
         proc = subprocess.run(
-            [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            [
+                str(self.bin_dir / "kubectl"),
+                f"--kubeconfig={kubeconfig or self.kubeconfig}",
+                # Discovery cached per control plane: kubectl keys its cache by
+                # host:port, and a port reused by another release's server would
+                # serve that release's API versions.
+                f"--cache-dir={self.workdir / 'kubectl-cache'}",
+                *args,
+            ],
             input=input,
             capture_output=True,
             text=True,
