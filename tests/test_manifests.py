@@ -568,11 +568,12 @@ def slice_policy(control_plane: ControlPlane, base: list[Obj]) -> Iterator[list[
             )
 
 
-@pytest.mark.cluster
-def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
-    control_plane: ControlPlane, slice_policy: list[Obj], unique_name: str, tmp_path: Path
-) -> None:
-    cp = control_plane
+def _plugin_pod_on_node_a(
+    cp: ControlPlane, unique_name: str, namespace: str
+) -> tuple[str, str, str, str]:
+    """Nodes `<name>-a` and `<name>-b`, a pod of the plugin's ServiceAccount in
+    `namespace` on node a, and a token bound to that pod (as the DaemonSet's pod
+    gets): (node a, node b, pod name, token)."""
     node_a, node_b = f"{unique_name}-a", f"{unique_name}-b"
     cp.create_node(node_a)
     cp.create_node(node_b)
@@ -580,7 +581,7 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": pod_name, "namespace": NAMESPACE},
+        "metadata": {"name": pod_name, "namespace": namespace},
         "spec": {
             "nodeName": node_a,
             "serviceAccountName": PLUGIN_SA,
@@ -589,7 +590,16 @@ def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
     }
     cp.kubectl("create", "-f", "-", input=json.dumps(pod))
     to_pod = ["--bound-object-kind", "Pod", "--bound-object-name", pod_name]
-    bound = cp.kubectl("create", "token", PLUGIN_SA, "-n", NAMESPACE, *to_pod).stdout.strip()
+    token = cp.kubectl("create", "token", PLUGIN_SA, "-n", namespace, *to_pod).stdout.strip()
+    return node_a, node_b, pod_name, token
+
+
+@pytest.mark.cluster
+def test_slice_policy_lets_the_plugin_write_only_its_own_nodes_slices(
+    control_plane: ControlPlane, slice_policy: list[Obj], unique_name: str, tmp_path: Path
+) -> None:
+    cp = control_plane
+    node_a, node_b, pod_name, bound = _plugin_pod_on_node_a(cp, unique_name, NAMESPACE)
     unbound = cp.kubectl("create", "token", PLUGIN_SA, "-n", NAMESPACE).stdout.strip()
     plugin = PluginIdentity(cp, bound, tmp_path / "plugin.kubeconfig")
     nodeless = PluginIdentity(cp, unbound, tmp_path / "nodeless.kubeconfig")
@@ -673,23 +683,7 @@ def test_slice_policy_binds_the_plugin_of_an_overlay_in_another_namespace(
     binding["metadata"]["name"] = f"{unique_name}-plugin"  # next to the base's binding
     assert binding["subjects"][0]["namespace"] == moved
     cp.apply([one(objs, "Namespace"), one(objs, "ServiceAccount", PLUGIN_SA), binding])
-    node_a, node_b = f"{unique_name}-a", f"{unique_name}-b"
-    cp.create_node(node_a)
-    cp.create_node(node_b)
-    pod_name = f"{unique_name}-plugin"
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": pod_name, "namespace": moved},
-        "spec": {
-            "nodeName": node_a,
-            "serviceAccountName": PLUGIN_SA,
-            "containers": [{"name": "c", "image": "busybox", "imagePullPolicy": "IfNotPresent"}],
-        },
-    }
-    cp.kubectl("create", "-f", "-", input=json.dumps(pod))
-    to_pod = ["--bound-object-kind", "Pod", "--bound-object-name", pod_name]
-    token = cp.kubectl("create", "token", PLUGIN_SA, "-n", moved, *to_pod).stdout.strip()
+    node_a, node_b, _, token = _plugin_pod_on_node_a(cp, unique_name, moved)
     plugin = PluginIdentity(cp, token, tmp_path / "plugin.kubeconfig")
     try:
         own = plugin.create(_slice(f"{unique_name}-a-slice", node_a))
