@@ -183,6 +183,21 @@ def kill(plugin: PluginProcess) -> None:
     plugin.process.stop()
 
 
+def kill_mid_churn(
+    plugin: PluginProcess, kubelet: Kubelet, client: DraClient, rng: random.Random
+) -> None:
+    """The kubelet stand-in prepares and unprepares in a thread while the plugin is
+    killed -9 at a random moment (the sleep picks the kill point)."""
+    stop = threading.Event()
+    worker = threading.Thread(target=kubelet.churn, args=(client, stop))
+    worker.start()
+    time.sleep(rng.uniform(0.0, 0.3))
+    kill(plugin)
+    stop.set()
+    worker.join(CALL_TIMEOUT)
+    assert not worker.is_alive()
+
+
 # --- kill -9 in a prepare/unprepare loop ----------------------------------------------
 
 
@@ -269,14 +284,7 @@ def test_state_survives_kill_9_at_random_points(cluster: Cluster) -> None:
                     kubelet.record_prepared(
                         client.prepare(prepared, timeout=CALL_TIMEOUT), prepared
                     )
-                stop = threading.Event()
-                worker = threading.Thread(target=kubelet.churn, args=(client, stop))
-                worker.start()
-                time.sleep(rng.uniform(0.0, 0.3))
-                kill(plugin)
-                stop.set()
-                worker.join(CALL_TIMEOUT)
-            assert not worker.is_alive()
+                kill_mid_churn(plugin, kubelet, client, rng)
             if kubelet.failures:
                 raise AssertionError(where) from kubelet.failures[0]
         start_serving(plugin)
@@ -331,14 +339,7 @@ def test_state_survives_kill_9_while_the_api_server_comes_and_goes(cluster: Clus
                     answers = client.prepare(prepared, timeout=FAULT_DEADLINE)
                     assert {answers[c.uid].error for c in prepared} == {""}, where
                     kubelet.record_prepared(answers, prepared)
-                stop = threading.Event()
-                worker = threading.Thread(target=kubelet.churn, args=(client, stop))
-                worker.start()
-                time.sleep(rng.uniform(0.0, 0.3))
-                kill(plugin)
-                stop.set()
-                worker.join(CALL_TIMEOUT)
-            assert not worker.is_alive()
+                kill_mid_churn(plugin, kubelet, client, rng)
             if kubelet.failures:
                 raise AssertionError(where) from kubelet.failures[0]
         if not listening:
