@@ -28,7 +28,7 @@ from tests.dra_objects import allocate_claims, claim, device_class, pod
 from tests.harness.cluster import ControlPlane, write_kubeconfig
 from tests.harness.plugin import DRIVER, PluginProcess
 from tests.harness.tcpproxy import TcpProxy
-from tests.kubelet_standin import ClaimName, DraClient, get_plugin_info
+from tests.kubelet_standin import ClaimName, DraClient, PrepareAnswer, get_plugin_info
 
 pytestmark = pytest.mark.cluster
 
@@ -143,9 +143,11 @@ def test_plugin_serves_the_kubelet_while_the_api_server_is_unreachable(
     wait_until(lambda: proxied.readyz()[0] == 200, "/readyz 200")
 
 
-def test_a_batch_with_one_unreadable_claim_answers_the_others_within_the_deadline(
+def _one_claim_prepared_of_two(
     proxied: ProxiedNode,
-) -> None:
+) -> tuple[PluginProcess, ClaimName, ClaimName, PrepareAnswer]:
+    """The plugin serving, two claims allocated on its node, the first prepared
+    while the API server is up: (plugin, known, new, the known claim's answer)."""
     plugin = proxied.plugin.start()
     plugin.wait_for_slices(TIMEOUT)
     known, new = allocate_claims(
@@ -153,7 +155,15 @@ def test_a_batch_with_one_unreadable_claim_answers_the_others_within_the_deadlin
     )
     with DraClient(plugin.dra_socket) as client:
         first = client.prepare([known], timeout=SHORT_DEADLINE)[known.uid]
-        assert first.error == ""
+    assert first.error == ""
+    return plugin, known, new, first
+
+
+def test_a_batch_with_one_unreadable_claim_answers_the_others_within_the_deadline(
+    proxied: ProxiedNode,
+) -> None:
+    plugin, known, new, first = _one_claim_prepared_of_two(proxied)
+    with DraClient(plugin.dra_socket) as client:
         proxied.proxy.refuse()  # the API server goes down
         answers = client.prepare([known, new], timeout=SHORT_DEADLINE)
     assert answers[known.uid] == first  # from the checkpoint, no API needed
@@ -165,13 +175,7 @@ def test_a_batch_with_one_unreadable_claim_answers_the_others_within_the_deadlin
 def test_a_plugin_restarted_while_the_api_server_is_down_prepares_known_claims(
     proxied: ProxiedNode,
 ) -> None:
-    plugin = proxied.plugin.start()
-    plugin.wait_for_slices(TIMEOUT)
-    known, new = allocate_claims(
-        proxied.cp, proxied.ns, proxied.name, device_class_name=proxied.nx_class, count=2
-    )
-    with DraClient(plugin.dra_socket) as client:
-        first = client.prepare([known], timeout=SHORT_DEADLINE)[known.uid]
+    plugin, known, new, first = _one_claim_prepared_of_two(proxied)
     proxied.proxy.refuse()
     stale = plugin.registration_socket.stat().st_ino
     plugin.kill()
