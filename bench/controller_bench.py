@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.plugin_bench import claim_obj, pct, rss_mib
-from controller.apiclient import ApiClient
-from controller.kubeconfig import load_cluster_config
-from controller.names import DRIVER_NAME
-from controller.resources import NODES, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.kubeconfig import load_cluster_config
+from controller.kube.resources import NODES, resource_kinds
+from controller.nx.names import DRIVER_NAME
 from tests.dra_objects import device_class
 from tests.harness.cluster import ControlPlane, Process, free_port
 

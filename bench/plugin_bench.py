@@ -26,10 +26,10 @@ from typing import Any
 
 import grpc
 
-from controller.apiclient import ApiClient
-from controller.atomic_write import atomic_write_bytes
-from controller.kubeconfig import load_cluster_config
-from controller.resources import resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.kubeconfig import load_cluster_config
+from controller.kube.resources import resource_kinds
+from kubeletplugin.atomic_write import atomic_write_bytes
 from tests import grpc_stubs
 from tests.harness.cluster import ControlPlane
 from tests.harness.plugin import DRIVER, PluginProcess

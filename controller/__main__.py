@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """`python -m controller` = `power-dra-controller`."""
 
-from .main import main
+from controller.main import main
 
 main()

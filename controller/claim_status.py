@@ -40,16 +40,16 @@ import anyio
 import anyio.abc
 import orjson
 
-from .allocation import driver_opaque_configs, driver_results
-from .allocation import result_credits as allocation_result_credits
-from .apiclient import ApiClient
-from .errors import Forbidden, Invalid
-from .events import WARNING, event_name, event_object, fingerprint, record_event
-from .informer import Informer
-from .names import DRIVER_NAME, FIELD_MANAGER
-from .nxconfig import NxConfigError, decode_nx_config
-from .resources import resource_kinds
-from .workqueue import WorkQueue
+from controller.events import WARNING, event_name, event_object, fingerprint, record_event
+from controller.kube.client import ApiClient
+from controller.kube.errors import Forbidden, Invalid
+from controller.kube.informer import Informer
+from controller.kube.resources import resource_kinds
+from controller.kube.workqueue import WorkQueue
+from controller.nx.allocation import driver_opaque_configs, driver_results
+from controller.nx.allocation import result_credits as allocation_result_credits
+from controller.nx.names import DRIVER_NAME, FIELD_MANAGER
+from controller.nx.nxconfig import NxConfigError, decode_nx_config
 
 log = logging.getLogger(__name__)
 

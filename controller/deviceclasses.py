@@ -41,13 +41,13 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .apiclient import ApiClient
-from .config import ConfigFileError, check_keys, covers, load_yaml_file
-from .informer import Informer
-from .names import DRIVER_NAME, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from .nxconfig import NxConfigError, decode_nx_config
-from .resources import resource_kinds
-from .workqueue import WorkQueue
+from controller.config import ConfigFileError, check_keys, covers, load_yaml_file
+from controller.kube.client import ApiClient
+from controller.kube.informer import Informer
+from controller.kube.resources import resource_kinds
+from controller.kube.workqueue import WorkQueue
+from controller.nx.names import DRIVER_NAME, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from controller.nx.nxconfig import NxConfigError, decode_nx_config
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from .apiclient import ApiClient
-from .errors import AlreadyExists
-from .leader import format_micro_time
-from .resources import EVENTS
+from controller.kube.client import ApiClient
+from controller.kube.errors import AlreadyExists
+from controller.kube.resources import EVENTS
+from controller.leader import format_micro_time
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import anyio
 
-from .apiclient import ApiClient
-from .errors import AlreadyExists, ApiError, Conflict, NotFound
-from .resources import LEASES
+from controller.kube.client import ApiClient
+from controller.kube.errors import AlreadyExists, ApiError, Conflict, NotFound
+from controller.kube.resources import LEASES
 
 log = logging.getLogger(__name__)
 

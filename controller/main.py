@@ -25,26 +25,26 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from .apiclient import ApiClient
-from .claim_status import ClaimStatusController
-from .config import ConfigFileError
-from .deviceclasses import DesiredClass, DeviceClassController, load_device_classes
-from .errors import ApiError, NotFound, Unauthorized
-from .flags import add_bool_flag, add_common_flags, add_flag, parse_duration
-from .http_server import parse_bind_address, serve_http
-from .informer import DEFAULT_STALL_AFTER, Informer
-from .kubeconfig import ClusterConfig, ConfigError, load_cluster_config
-from .leader import LeaderElector, make_identity
-from .logs import setup_logging
-from .metrics import ReconcileMetrics, Registry
-from .operator import (
+from controller.claim_status import ClaimStatusController
+from controller.config import ConfigFileError
+from controller.deviceclasses import DesiredClass, DeviceClassController, load_device_classes
+from controller.kube.client import ApiClient
+from controller.kube.errors import ApiError, NotFound, Unauthorized
+from controller.kube.informer import DEFAULT_STALL_AFTER, Informer
+from controller.kube.kubeconfig import ClusterConfig, ConfigError, load_cluster_config
+from controller.kube.resources import CLUSTERROLES, DEPLOYMENTS, Resource
+from controller.kube.workqueue import WorkQueue
+from controller.leader import LeaderElector, make_identity
+from controller.operator import (
     PluginDaemonSetConfig,
     PluginDaemonSetController,
     load_plugin_daemonset_config,
 )
-from .resources import CLUSTERROLES, DEPLOYMENTS, Resource
-from .slice_gc import DEFAULT_ORPHAN_GRACE, SliceGC
-from .workqueue import WorkQueue
+from controller.process.flags import add_bool_flag, add_common_flags, add_flag, parse_duration
+from controller.process.http_server import parse_bind_address, serve_http
+from controller.process.logs import setup_logging
+from controller.process.metrics import ReconcileMetrics, Registry
+from controller.slice_gc import DEFAULT_ORPHAN_GRACE, SliceGC
 
 log = logging.getLogger("controller")
 

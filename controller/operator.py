@@ -40,12 +40,12 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .apiclient import ApiClient
-from .config import ConfigFileError, check_keys, covers, load_yaml_file
-from .informer import Informer
-from .names import FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from .resources import DAEMONSETS
-from .workqueue import WorkQueue
+from controller.config import ConfigFileError, check_keys, covers, load_yaml_file
+from controller.kube.client import ApiClient
+from controller.kube.informer import Informer
+from controller.kube.resources import DAEMONSETS
+from controller.kube.workqueue import WorkQueue
+from controller.nx.names import FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
 
 log = logging.getLogger(__name__)
 

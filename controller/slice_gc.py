@@ -29,12 +29,12 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .apiclient import ApiClient
-from .errors import NotFound
-from .informer import Informer
-from .names import DRIVER_NAME
-from .resources import NODES, resource_kinds
-from .workqueue import WorkQueue
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.informer import Informer
+from controller.kube.resources import NODES, resource_kinds
+from controller.kube.workqueue import WorkQueue
+from controller.nx.names import DRIVER_NAME
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from controller.atomic_write import atomic_write_bytes, remove_durably
-from controller.names import DEVICE_PATH
+from controller.nx.names import DEVICE_PATH
+from kubeletplugin.atomic_write import atomic_write_bytes, remove_durably
 from kubeletplugin.claims import CDI_KIND, PreparedClaim, cdi_device_name, validate_claim_uid
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import anyio
 import orjson
 
-from controller.atomic_write import atomic_write_bytes, fsync_directory
+from kubeletplugin.atomic_write import atomic_write_bytes, fsync_directory
 from kubeletplugin.cdi import SPEC_FILE_PREFIX, list_claim_specs, prepared_claim_from_spec
 from kubeletplugin.claims import PreparedClaim, PreparedDevice
 from kubeletplugin.ibm_state import (

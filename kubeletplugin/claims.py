@@ -16,13 +16,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.allocation import (
+from controller.nx.allocation import (
     allocation_devices,
     driver_opaque_configs,
     driver_results,
     result_credits,
 )
-from controller.nxconfig import (
+from controller.nx.nxconfig import (
     NxConfig,
     NxConfigError,
     decode_nx_config,
@@ -352,7 +352,7 @@ def parent_request(request_name: str) -> str:
 def _result_credits(result: Mapping[str, Any]) -> int:
     """Credits one result holds: its consumed capacity in shared mode, else 1.
 
-    The controller's parser (controller.allocation), so both judge a claim alike.
+    The controller's parser (controller.nx.allocation), so both judge a claim alike.
     """
     return result_credits(result, "nx.device.power.ibm.com")
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from controller.slices import AttributeValue, Capacity, Device, RequestPolicy, SemVer, is_semver
 from kubeletplugin.discovery import Inventory
+from kubeletplugin.slices import AttributeValue, Capacity, Device, RequestPolicy, SemVer, is_semver
 
 Mode = Literal["shared", "slots"]
 

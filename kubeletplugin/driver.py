@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from controller.errors import ApiError, NotFound
-from controller.names import DEVICE_PATH
-from controller.resources import resource_kinds
+from controller.kube.errors import ApiError, NotFound
+from controller.kube.resources import resource_kinds
+from controller.nx.names import DEVICE_PATH
 
 from .cdi import (
     SPEC_FILE_PREFIX,
@@ -71,7 +71,7 @@ from .ibm_state import (
 )
 
 if TYPE_CHECKING:  # importing the HTTP stack is deferred until the sockets are up
-    from controller.apiclient import ApiClient
+    from controller.kube.client import ApiClient
 
 log = logging.getLogger(__name__)
 

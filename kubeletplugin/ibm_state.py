@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from controller.atomic_write import atomic_write_bytes, remove_durably
+from kubeletplugin.atomic_write import atomic_write_bytes, remove_durably
 
 from .cdi import DEFAULT_DEVICE_PATH, SPEC_FILE_PREFIX, minimum_cdi_version
 from .claims import CDI_KIND, PreparedClaim, PreparedDevice, validate_claim_uid

@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 import orjson
 
-from controller.flags import add_common_flags, add_flag, parse_duration
-from controller.logs import setup_logging
-from controller.names import DRIVER_NAME
-from controller.slices import API_VERSIONS, build_pool_slices
+from controller.nx.names import DRIVER_NAME
+from controller.process.flags import add_common_flags, add_flag, parse_duration
+from controller.process.logs import setup_logging
+from kubeletplugin.slices import API_VERSIONS, build_pool_slices
 
 from .devices import build_devices
 from .node_discovery import device_options, discover_node
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except Exception as exc:
         # Configuration and API errors already say what to fix; no traceback for them.
-        from controller.errors import ApiError
-        from controller.kubeconfig import ConfigError
+        from controller.kube.errors import ApiError
+        from controller.kube.kubeconfig import ConfigError
 
         if not isinstance(exc, ConfigError | ApiError):
             raise

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Collection
 from pathlib import Path
 
-from controller.names import DEVICE_PATH, DRIVER_VERSION
+from controller.nx.names import DEVICE_PATH, DRIVER_VERSION
 
 from .devices import DeviceOptions
 from .discovery import Inventory, discover

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from controller.names import DEVICE_PATH, DRIVER_NAME
-from controller.slices import Device
+from controller.nx.names import DEVICE_PATH, DRIVER_NAME
+from kubeletplugin.slices import Device
 
 from .devices import build_devices
 from .discovery import Inventory
@@ -27,7 +27,7 @@ from .grpc_service import DeviceHealth, PluginServers, SocketPaths
 from .node_discovery import device_options, discover_node
 
 if TYPE_CHECKING:
-    from controller.metrics import Registry
+    from controller.process.metrics import Registry
 
     from .publisher import SlicePublisher
 
@@ -149,9 +149,9 @@ async def run_plugin(args: argparse.Namespace) -> None:
 
 
 CLUSTER_SIDE_MODULES = (
-    "controller.apiclient",
-    "controller.http_server",
-    "controller.kubeconfig",
+    "controller.kube.client",
+    "controller.process.http_server",
+    "controller.kube.kubeconfig",
     "kubeletplugin.publisher",
     "kubeletplugin.self_probe",
 )
@@ -189,10 +189,10 @@ async def _serve_cluster_side(
     finally:
         sys.setswitchinterval(interval)
     # Already imported: these are dictionary lookups now.
-    from controller.apiclient import ApiClient
-    from controller.http_server import serve_http
-    from controller.kubeconfig import load_cluster_config
-    from controller.metrics import Registry
+    from controller.kube.client import ApiClient
+    from controller.kube.kubeconfig import load_cluster_config
+    from controller.process.http_server import serve_http
+    from controller.process.metrics import Registry
 
     from .publisher import SlicePublisher
     from .self_probe import SelfProbe

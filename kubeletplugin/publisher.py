@@ -17,17 +17,17 @@ from typing import Any
 
 import anyio
 
-from controller.apiclient import ApiClient
-from controller.errors import AlreadyExists, ApiError, NotFound
-from controller.informer import Informer
-from controller.resources import NODES, Resource, resource_kinds
-from controller.slices import (
+from controller.kube.client import ApiClient
+from controller.kube.errors import AlreadyExists, ApiError, NotFound
+from controller.kube.informer import Informer
+from controller.kube.resources import NODES, Resource, resource_kinds
+from controller.kube.workqueue import WorkQueue
+from kubeletplugin.slices import (
     Device,
     build_pool_slices,
     server_dropped_multi_allocation,
     slice_needs_update,
 )
-from controller.workqueue import WorkQueue
 
 from .devices import DeviceOptions, build_devices
 from .discovery import Inventory

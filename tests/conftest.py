@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.apiclient import ApiClient
-from controller.kubeconfig import load_cluster_config
+from controller.kube.client import ApiClient
+from controller.kube.kubeconfig import load_cluster_config
 from tests.harness.cluster import ControlPlane
 
 

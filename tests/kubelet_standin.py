@@ -54,11 +54,11 @@ import anyio.abc
 import anyio.from_thread
 import grpc
 
-from controller.apiclient import ApiClient
-from controller.errors import ApiError
-from controller.informer import Informer
-from controller.kubeconfig import load_cluster_config
-from controller.resources import PODS, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import ApiError
+from controller.kube.informer import Informer
+from controller.kube.kubeconfig import load_cluster_config
+from controller.kube.resources import PODS, resource_kinds
 from tests import grpc_stubs
 
 log = logging.getLogger("kubelet-standin")

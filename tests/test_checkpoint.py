@@ -18,7 +18,7 @@ import anyio
 import orjson
 import pytest
 
-from controller.atomic_write import atomic_write_bytes, remove_durably
+from kubeletplugin.atomic_write import atomic_write_bytes, remove_durably
 from kubeletplugin.cdi import claim_spec, write_claim_spec
 from kubeletplugin.checkpoint import (
     CHECKPOINT_FILE_NAME,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from controller.allocation import quantity_to_credits  # the one parser of both processes
-from controller.nxconfig import API_VERSION, KIND
+from controller.nx.allocation import quantity_to_credits  # the one parser of both processes
+from controller.nx.nxconfig import API_VERSION, KIND
 from kubeletplugin.claims import (
     CDI_KIND,
     ClaimError,

@@ -12,11 +12,11 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
-from controller.errors import AlreadyExists, Conflict, Forbidden, NotFound
-from controller.informer import Informer
-from controller.kubeconfig import ClusterConfig
-from controller.resources import NODES, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import AlreadyExists, Conflict, Forbidden, NotFound
+from controller.kube.informer import Informer
+from controller.kube.kubeconfig import ClusterConfig
+from controller.kube.resources import NODES, resource_kinds
 from tests.harness.cluster import ControlPlane
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]

@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
 from controller.claim_status import (
     DRIVER,
     ClaimStatusController,
@@ -25,8 +24,9 @@ from controller.claim_status import (
     result_credits,
     status_apply_body,
 )
-from controller.errors import Invalid
-from controller.resources import EVENTS, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import Invalid
+from controller.kube.resources import EVENTS, resource_kinds
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config
 

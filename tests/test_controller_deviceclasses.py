@@ -10,7 +10,6 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
 from controller.config import ConfigFileError
 from controller.deviceclasses import (
     DRIVER,
@@ -22,8 +21,9 @@ from controller.deviceclasses import (
     load_device_classes,
     parse_device_classes,
 )
-from controller.errors import NotFound
-from controller.resources import resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.resources import resource_kinds
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config
 

@@ -22,11 +22,11 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
-from controller.deep_json import PRUNED, contains_pruned, decode_pruning, prune_deep
-from controller.errors import Undecodable
-from controller.kubeconfig import ClusterConfig
-from controller.resources import resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.deep_json import PRUNED, contains_pruned, decode_pruning, prune_deep
+from controller.kube.errors import Undecodable
+from controller.kube.kubeconfig import ClusterConfig
+from controller.kube.resources import resource_kinds
 from tests.harness.cluster import ControlPlane, free_port, write_kubeconfig
 from tests.test_controller_claim_status import DRIVER, NX, OTHER, _entries, _setup, _teardown
 from tests.test_leader import _documented_rbac, restricted_config

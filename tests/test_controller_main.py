@@ -13,12 +13,12 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
 from controller.deviceclasses import DRIVER
-from controller.errors import NotFound, Unavailable
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound, Unavailable
+from controller.kube.resources import NODES, resource_kinds
 from controller.main import RunState, build_parser, load_settings, run_controllers
-from controller.metrics import ReconcileMetrics, Registry
-from controller.resources import NODES, resource_kinds
+from controller.process.metrics import ReconcileMetrics, Registry
 from tests.harness.cluster import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,11 +206,11 @@ class _FakeLoops:
     name = "test-controller"
 
     def __init__(self) -> None:
-        from controller.apiclient import ApiClient
-        from controller.informer import Informer
-        from controller.kubeconfig import ClusterConfig
-        from controller.resources import NODES
-        from controller.workqueue import WorkQueue
+        from controller.kube.client import ApiClient
+        from controller.kube.informer import Informer
+        from controller.kube.kubeconfig import ClusterConfig
+        from controller.kube.resources import NODES
+        from controller.kube.workqueue import WorkQueue
 
         client = ApiClient(ClusterConfig(server="https://127.0.0.1:1"), watch_timeout=60)
         self.informer = Informer(client, NODES)

@@ -9,9 +9,10 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
 from controller.config import ConfigFileError, covers
-from controller.errors import NotFound
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.resources import DAEMONSETS
 from controller.operator import (
     PluginDaemonSetConfig,
     PluginDaemonSetController,
@@ -19,7 +20,6 @@ from controller.operator import (
     parse_plugin_daemonset_config,
     plugin_daemonset,
 )
-from controller.resources import DAEMONSETS
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config
 

@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
-from controller.errors import NotFound
-from controller.resources import NODES, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.resources import NODES, resource_kinds
 from controller.slice_gc import DRIVER, SliceGC, is_orphan, slice_node
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from controller.slices import API_VERSIONS, Capacity, RequestPolicy, SemVer, device_to_api
 from kubeletplugin.devices import DeviceOptions, build_devices
 from kubeletplugin.discovery import Inventory, NxCapabilities, NxCredits
+from kubeletplugin.slices import API_VERSIONS, Capacity, RequestPolicy, SemVer, device_to_api
 
 POWERVM = Inventory(
     platform="powervm",

@@ -1,12 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Import contracts of our packages (docs/CONTRACTS.md): imports run one way and
-never in a circle.
+"""Import contracts of our packages (docs/CONTRACTS.md): imports run down the
+layers and never in a circle.
 
-- `controller` (the controller and the code both processes share) imports
-  neither `kubeletplugin` nor `proto_gen`;
-- `proto_gen` imports neither of the other two;
-- no import cycle between our modules, lazy (function-level) imports included:
-  a cycle hidden in a function still ties two modules together.
+Layers, from the bottom:
+- `controller.kube`: the generic Kubernetes client layer; imports none of ours
+  outside itself;
+- `controller.nx` (the driver's domain model) and `controller.process` (process
+  plumbing): may import `controller.kube`, not each other;
+- the controller (modules at the top of `controller/`) and the node plugin
+  (`kubeletplugin`): may import the shared layers, never each other; only the
+  plugin imports `proto_gen`;
+- `proto_gen` imports none of ours.
+
+No import cycle between our modules either, lazy (function-level) imports
+included: a cycle hidden in a function still ties two modules together.
 """
 
 from __future__ import annotations
@@ -17,6 +24,33 @@ from pathlib import Path
 from tests.harness.cluster import REPO
 
 PACKAGES = ("controller", "kubeletplugin", "proto_gen")
+
+# layer -> the layers its modules may import (their own included).
+ALLOWED: dict[str, frozenset[str]] = {
+    "kube": frozenset({"kube"}),
+    "nx": frozenset({"nx", "kube"}),
+    "process": frozenset({"process", "kube"}),
+    "controller": frozenset({"controller", "kube", "nx", "process"}),
+    "kubeletplugin": frozenset({"kubeletplugin", "kube", "nx", "process", "proto_gen"}),
+    "proto_gen": frozenset({"proto_gen"}),
+}
+
+
+def layer(module: str) -> str:
+    """The layer a module of ours belongs to, from its import path alone."""
+    parts = module.split(".")
+    if parts[0] == "controller" and len(parts) >= 2 and parts[1] in ("kube", "nx", "process"):
+        return parts[1]
+    return parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted(
+        (src, dst)
+        for src, dsts in graph.items()
+        for dst in dsts
+        if layer(dst) not in ALLOWED[layer(src)]
+    )
 
 
 def our_modules() -> dict[str, Path]:
@@ -91,25 +125,37 @@ def test_no_import_cycle_between_our_modules() -> None:
     assert cycles(import_graph(our_modules())) == []
 
 
-def test_the_shared_layer_never_imports_the_plugin_or_the_protos() -> None:
-    graph = import_graph(our_modules())
-    upward = sorted(
-        (src, dst)
-        for src, dsts in graph.items()
-        for dst in dsts
-        if src.startswith("controller") and not dst.startswith("controller")
-    )
-    assert upward == []
+def test_imports_run_down_the_layers() -> None:
+    assert layer_violations(import_graph(our_modules())) == []
 
 
-def test_the_protos_import_none_of_our_packages() -> None:
-    graph = import_graph(our_modules())
-    assert all(
-        dst.startswith("proto_gen")
-        for src in graph
-        if src.startswith("proto_gen")
-        for dst in graph[src]
-    )
+def test_every_module_has_a_layer() -> None:
+    assert {layer(name) for name in our_modules()} <= set(ALLOWED)
+
+
+def test_the_layer_is_told_by_the_import_path() -> None:
+    assert layer("controller.kube.client") == "kube"
+    assert layer("controller.nx") == "nx"
+    assert layer("controller.process.metrics") == "process"
+    assert layer("controller.claim_status") == "controller"
+    assert layer("controller") == "controller"
+    assert layer("kubeletplugin.slices") == "kubeletplugin"
+
+
+def test_the_checker_sees_an_upward_import() -> None:
+    # The shared layer importing the controller, the plugin importing the
+    # controller's top level, and the controller importing the plugin.
+    graph = {
+        "controller.kube.client": {"controller.leader"},
+        "kubeletplugin.driver": {"controller.claim_status", "controller.kube.errors"},
+        "controller.main": {"kubeletplugin.slices", "controller.nx.names"},
+        "controller.nx.names": set(),
+    }
+    assert layer_violations(graph) == [
+        ("controller.kube.client", "controller.leader"),
+        ("controller.main", "kubeletplugin.slices"),
+        ("kubeletplugin.driver", "controller.claim_status"),
+    ]
 
 
 def test_the_checker_sees_a_cycle_hidden_in_a_function(tmp_path: Path) -> None:

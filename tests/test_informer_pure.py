@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.informer import apply_watch_event, diff_relist
+from controller.kube.informer import apply_watch_event, diff_relist
 
 
 def _obj(name: str, rv: str) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def test_cached_objects_carry_no_managed_fields() -> None:
 def test_api_connections_probe_a_silent_peer_within_a_minute() -> None:
     import socket
 
-    from controller.apiclient import keepalive_socket
+    from controller.kube.client import keepalive_socket
 
     with keepalive_socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", 0))) as s:
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.apiclient import ApiClient
-from controller.errors import Unavailable
-from controller.kubeconfig import (
+from controller.kube.client import ApiClient
+from controller.kube.errors import Unavailable
+from controller.kube.kubeconfig import (
     EXEC_EXPIRY_MARGIN,
     ConfigError,
     load_cluster_config,

@@ -21,8 +21,9 @@ import anyio
 import pytest
 import yaml
 
-from controller.apiclient import ApiClient
-from controller.kubeconfig import ClusterConfig
+from controller.kube.client import ApiClient
+from controller.kube.kubeconfig import ClusterConfig
+from controller.kube.resources import LEASES
 from controller.leader import (
     LeaderElector,
     format_micro_time,
@@ -31,7 +32,6 @@ from controller.leader import (
     parse_time,
     should_acquire,
 )
-from controller.resources import LEASES
 from tests.harness.cluster import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from controller.http_server import parse_bind_address, serve_http
-from controller.metrics import CONTENT_TYPE, ReconcileMetrics, Registry, format_value
+from controller.process.http_server import parse_bind_address, serve_http
+from controller.process.metrics import CONTENT_TYPE, ReconcileMetrics, Registry, format_value
 
 
 def test_counter_renders_help_type_and_labelled_samples() -> None:

@@ -24,10 +24,10 @@ from typing import Any
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
 from controller.claim_status import EVENT_REASON_INEFFECTIVE, ClaimStatusController
-from controller.kubeconfig import load_cluster_config
-from controller.resources import EVENTS
+from controller.kube.client import ApiClient
+from controller.kube.kubeconfig import load_cluster_config
+from controller.kube.resources import EVENTS
 from kubeletplugin.ibm_state import (
     IBM_COMMON_SPEC_FILE,
     IBM_DEVICE_NAME,

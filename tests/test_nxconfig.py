@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller.nxconfig import (
+from controller.nx.nxconfig import (
     API_VERSION,
     DEFAULT_LOG_FILE,
     IBM_API_VERSION,

@@ -15,11 +15,11 @@ import anyio
 import pytest
 import yaml
 
-from controller.apiclient import ApiClient
-from controller.errors import NotFound
-from controller.names import DRIVER_NAME as DRIVER
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.resources import CLUSTERROLES, DAEMONSETS, DEPLOYMENTS, resource_kinds
+from controller.nx.names import DRIVER_NAME as DRIVER
 from controller.operator import parse_plugin_daemonset_config, plugin_daemonset
-from controller.resources import CLUSTERROLES, DAEMONSETS, DEPLOYMENTS, resource_kinds
 from tests.harness.cluster import REPO, ControlPlane, write_kubeconfig
 from tests.rendering import (
     CONTROLLER_SA,
@@ -447,7 +447,7 @@ async def test_uninstall_removes_the_plugin_daemonset_and_the_device_class(
     cp.apply([*sas, *_olm_rbac(csv, ns), owner_role, config_map, deployment])
     token = cp.kubectl("create", "token", CONTROLLER_SA, "-n", ns, "--duration=1h").stdout.strip()
     kubeconfig = write_kubeconfig(
-        tmp_path / "controller.kubeconfig", cp.server, cp.ca_file, token, CONTROLLER_SA
+        tmp_path / "controller.kube.kubeconfig", cp.server, cp.ca_file, token, CONTROLLER_SA
     )
     config_file = tmp_path / "plugin-daemonset.yaml"
     config_file.write_text(config_map["data"]["plugin-daemonset.yaml"])

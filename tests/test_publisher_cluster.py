@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-from controller.apiclient import ApiClient
-from controller.errors import NotFound
-from controller.resources import resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
+from controller.kube.resources import resource_kinds
 from tests.dra_objects import pod, template
 from tests.fake_sysfs import VAS_GZIP_DIR, make_empty_tree, write_sysfs_file
 from tests.harness.cluster import ControlPlane

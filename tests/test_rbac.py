@@ -24,10 +24,10 @@ import anyio
 import pytest
 import yaml
 
-from controller.apiclient import ApiClient
-from controller.errors import AlreadyExists, Forbidden
-from controller.kubeconfig import ClusterConfig
-from controller.resources import NODES, resource_kinds
+from controller.kube.client import ApiClient
+from controller.kube.errors import AlreadyExists, Forbidden
+from controller.kube.kubeconfig import ClusterConfig
+from controller.kube.resources import NODES, resource_kinds
 from tests.fake_sysfs import write_sysfs_file
 from tests.harness.cluster import REPO, ControlPlane, write_kubeconfig
 from tests.harness.plugin import PluginProcess
@@ -53,8 +53,8 @@ LEADER_TEST = "tests/test_leader.py::test_a_released_lease_passes_to_the_waiting
 OPERATOR_TEST = "tests/test_controller_operator.py::test_the_plugin_daemonset_is_applied"
 OLM_TEST = "tests/test_olm.py::test_uninstall_removes_the_plugin_daemonset_and_the_device_class"
 PLUGIN_TEST = "tests/test_rbac.py::test_every_plugin_call_works_as_its_service_account"
-INFORMER = ("controller/informer.py", "self.client.list(")
-WATCH = ("controller/informer.py", "self.client.watch(")
+INFORMER = ("controller/kube/informer.py", "self.client.list(")
+WATCH = ("controller/kube/informer.py", "self.client.watch(")
 
 # grant -> ((file, code that needs it), test that runs it as the ServiceAccount)
 USES: dict[Grant, tuple[tuple[str, str], str]] = {

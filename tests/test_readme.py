@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from controller.nxconfig import NX_CONFIG_FIELDS
+from controller.nx.nxconfig import NX_CONFIG_FIELDS
 from kubeletplugin.main import build_parser
 from tests.harness.cluster import REPO
 

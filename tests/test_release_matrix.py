@@ -137,7 +137,9 @@ class Installed:
             "apply", "--server-side", "-k", str(REPO / "manifests" / "base"), check=False
         )
         self.metrics_port = free_port()
-        kubeconfig = sa_kubeconfig(cp, "power-dra-controller", workdir / "controller.kubeconfig")
+        kubeconfig = sa_kubeconfig(
+            cp, "power-dra-controller", workdir / "controller.kube.kubeconfig"
+        )
         self.controller = Process(
             "controller",
             [

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.slices import (
+from kubeletplugin.slices import (
     API_VERSIONS,
     MAX_OBJECT_NAME_LENGTH,
     Capacity,

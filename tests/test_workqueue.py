@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from controller.workqueue import WorkQueue, backoff_delay
+from controller.kube.workqueue import WorkQueue, backoff_delay
 
 pytestmark = pytest.mark.anyio
 

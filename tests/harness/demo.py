@@ -321,7 +321,9 @@ def allocated(claim: dict[str, Any]) -> tuple[list[str], int]:
 
 
 def start_controller(cp: ControlPlane) -> Process:
-    ctl_kubeconfig = sa_kubeconfig(cp, "power-dra-controller", WORKDIR / "controller.kubeconfig")
+    ctl_kubeconfig = sa_kubeconfig(
+        cp, "power-dra-controller", WORKDIR / "controller.kube.kubeconfig"
+    )
     ctl = Process(
         "controller",
         [

@@ -2,7 +2,7 @@
 """The thin async Kubernetes API layer used by both processes.
 
 Objects are plain dicts decoded with orjson; no typed models. Errors become
-the exceptions of `controller.errors`.
+the exceptions of `controller.kube.errors`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ import aiohttp
 import anyio
 import orjson
 
-from .deep_json import UndecodableJSON, contains_pruned, decode_pruning, decode_strict
-from .errors import (
+from controller.kube.deep_json import (
+    UndecodableJSON,
+    contains_pruned,
+    decode_pruning,
+    decode_strict,
+)
+from controller.kube.errors import (
     ApiError,
     Gone,
     NotFound,
@@ -31,9 +36,9 @@ from .errors import (
     Undecodable,
     error_from_status,
 )
-from .kubeconfig import ClusterConfig, ConfigError, ExecCredential
-from .ratelimit import TokenBucket
-from .resources import RESOURCE_GROUP, Resource, pick_resource_version
+from controller.kube.kubeconfig import ClusterConfig, ConfigError, ExecCredential
+from controller.kube.ratelimit import TokenBucket
+from controller.kube.resources import RESOURCE_GROUP, Resource, pick_resource_version
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +294,7 @@ class ApiClient:
 
         An item nested deeper than orjson reads does not spoil the page: the
         other items decode whole, and that item, with its deep values pruned
-        (see `controller.deep_json`), goes to `quarantine` instead of `items`.
+        (see `controller.kube.deep_json`), goes to `quarantine` instead of `items`.
 
         Raises:
             Undecodable: a page is not JSON, or an item is too deep and no

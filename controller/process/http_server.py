@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from .metrics import CONTENT_TYPE, Registry
+from controller.process.metrics import CONTENT_TYPE, Registry
 
 log = logging.getLogger(__name__)
 

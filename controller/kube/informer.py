@@ -29,9 +29,9 @@ from typing import Any
 
 import anyio
 
-from .apiclient import WATCH_READ_GRACE, ApiClient
-from .errors import ApiError, Gone
-from .resources import Resource, object_key
+from controller.kube.client import WATCH_READ_GRACE, ApiClient
+from controller.kube.errors import ApiError, Gone
+from controller.kube.resources import Resource, object_key
 
 # How long list/watch may keep failing before the informer says it is not healthy.
 DEFAULT_STALL_AFTER = 30.0

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .slices import parse_quantity
+from controller.kube.quantity import parse_quantity
 
 CREDITS = "credits"
 
