@@ -27,8 +27,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -383,6 +381,10 @@ async def load_cluster_config(kubeconfig: str | None, context: str | None = None
 
 
 def _read_kubeconfig(kubeconfig: str) -> tuple[Path, dict[str, Any]]:
+    # In a pod both processes use the service account: only a kubeconfig file
+    # needs the YAML parser (half a MiB the plugin would otherwise keep).
+    import yaml
+
     path = Path(kubeconfig.split(os.pathsep, maxsplit=1)[0]).expanduser()
     try:
         data = yaml.safe_load(path.read_text())
