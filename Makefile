@@ -91,8 +91,10 @@ dev-teardown: venv
 demo: deps venv k8s-bins
 	$(PY) -m tests.harness.demo
 
+# BUSY=2: the plugin bench again beside two busy-looping processes, compared with
+# the last quiet run.
 bench: venv k8s-bins
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(if $(BUSY),--busy $(BUSY))
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

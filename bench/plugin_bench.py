@@ -139,6 +139,7 @@ class Floor:
         self.gets.clear()
         self.writes.clear()
         self.rtts.clear()
+        self._server_cpu = cpu_seconds(self._server.pid)
 
     def sample(self) -> None:
         t = time.perf_counter()
@@ -161,6 +162,11 @@ class Floor:
         self._runner.run(gets())
         self.batch_gets.append(time.perf_counter() - t)
 
+    def server_cpu_ms_per_call(self) -> float:
+        """CPU the plain grpclib server spent per round trip so far."""
+        used = cpu_seconds(self._server.pid) - self._server_cpu
+        return used * 1000 / max(1, len(self.rtts))
+
     def close(self) -> None:
         self._channel.close()
         self._server.kill()
@@ -178,6 +184,7 @@ class Floor:
             "grpclib_rtt_p50_ms": pct(self.rtts, 50),
             "grpclib_rtt_p99_ms": pct(self.rtts, 99),
             "batch_gets_p50_ms": pct(self.batch_gets, 50) if self.batch_gets else 0.0,
+            "grpclib_cpu_ms_per_call": self.server_cpu_ms_per_call(),
             "floor_samples": len(self.gets),
         }
 
@@ -236,6 +243,61 @@ def _time_getinfo(plugin: PluginProcess, t0: float, out: dict[str, float]) -> No
             return
 
 
+def time_floor_start(workdir: Path) -> dict[str, float]:
+    """The start-up and memory floor: a plain grpclib server (`bench.grpclib_floor`:
+    Python, asyncio, grpclib and the DRA v1 messages) started the way the plugin is,
+    timed the same way (its socket appearing, its first answer to grpcio), and its
+    idle RSS."""
+    sock = workdir / "floor-start.sock"
+    sock.unlink(missing_ok=True)
+    request = grpc_stubs.load().dra_v1.pb2.NodeUnprepareResourcesRequest()
+    t0 = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.grpclib_floor", str(sock)],
+        stdout=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        while not sock.exists():
+            if time.perf_counter() - t0 > 30:
+                raise RuntimeError("the grpclib floor server did not start")
+            time.sleep(0.0005)
+        socket_s = time.perf_counter() - t0
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = grpc_stubs.load().dra_v1.grpc.DRAPluginStub(channel)
+            while True:
+                try:
+                    stub.NodeUnprepareResources(request, timeout=1)
+                    break
+                except grpc.RpcError:
+                    if time.perf_counter() - t0 > 30:
+                        raise
+            answer_s = time.perf_counter() - t0
+        time.sleep(1)
+        return {
+            "floor_start_to_socket_s": socket_s,
+            "floor_start_to_answer_s": answer_s,
+            "floor_rss_idle_mib": rss_mib(server.pid),
+        }
+    finally:
+        server.kill()
+        server.wait()
+
+
+class Busy:
+    """`n` busy-looping processes for the bench's duration (a load average of ~n)."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)
+        ]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
 def time_startup(
     cp: ControlPlane, workdir: Path
 ) -> tuple[float, float, float, float, PluginProcess]:
@@ -267,6 +329,50 @@ def time_startup(
     return seen["socket"], seen["getinfo"], seen["getinfo"] - seen["socket"], slice_seen, plugin
 
 
+Row = tuple[str, str, float | None, str, str | None]
+
+
+def table_rows(result: dict[str, Any], held_levels: list[int], bs: int, soak: int) -> list[Row]:
+    """The printed figures: (name, key in the JSON, target, unit, floor it is divided by)."""
+    rows: list[Row] = [
+        ("prepare 1 claim p50", "prepare_1_p50_ms", 4.5, "ms", "prepare"),
+        ("prepare 1 claim p90", "prepare_1_p90_ms", None, "ms", "prepare"),
+        ("prepare 1 claim p99", "prepare_1_p99_ms", 7.5, "ms", "prepare"),
+        ("unprepare 1 claim p50", "unprepare_1_p50_ms", 1.7, "ms", "unprepare"),
+        ("unprepare 1 claim p99", "unprepare_1_p99_ms", None, "ms", "unprepare"),
+        (f"prepare {bs} claims p50", f"prepare_{bs}_p50_ms", 25.0, "ms", "batch"),
+        (f"prepare {bs} claims p99", f"prepare_{bs}_p99_ms", None, "ms", "batch"),
+    ]
+    # The reference for a filled node: the empty node measured just before it.
+    empty_p50 = result.get("held_0_prepare_p50_ms", result.get("prepare_1_p50_ms", 0.0))
+    for n in held_levels:
+        kib = result.get(f"held_{n}_state_kib", 0.0)
+        rows.append(
+            (
+                f"prepare p50, {n} held ({kib:.0f} KiB)",
+                f"held_{n}_prepare_p50_ms",
+                1.2 * empty_p50,
+                "ms",
+                f"prepare {n}",
+            )
+        )
+        rows.append(
+            (f"unprepare p50, {n} held", f"held_{n}_unprepare_p50_ms", None, "ms", f"unprepare {n}")
+        )
+    return [
+        *rows,
+        ("start -> registration socket", "start_to_registration_socket_s", None, "s", "socket"),
+        ("start -> GetInfo", "start_to_getinfo_s", 0.1, "s", "answer"),
+        ("registration socket -> GetInfo", "socket_to_getinfo_s", 0.1, "s", None),
+        ("start -> slice visible", "start_to_slice_s", 1.0, "s", "answer"),
+        ("RSS idle", "rss_idle_mib", 41.0, "MiB", "rss"),
+        ("RSS after load", "rss_after_load_mib", None, "MiB", "rss"),
+        (f"RSS growth over {soak} cycles", "rss_growth_mib", 5.0, "MiB", None),
+        ("plugin CPU for the run", "cpu_s_for_the_run", None, "s", None),
+        ("plugin CPU per call", "cpu_ms_per_call", None, "ms", "cpu"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=300)
@@ -282,15 +388,31 @@ def main() -> None:
         "the empty node measured in the same phase, the reference of the others)",
     )
     parser.add_argument("--held-cycles", type=int, default=100, help="cycles per filled figure")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="run N busy-looping processes beside the bench (load average ~N); the figures "
+        "are compared with the last run without them (bench/results/plugin.json) and "
+        "written to bench/results/plugin-busy.json",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("plugin-busy.json" if args.busy else "plugin.json")
+    quiet: dict[str, float] = {}
+    if args.busy and (RESULTS / "plugin.json").exists():
+        quiet = json.loads((RESULTS / "plugin.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="power-dra-bench-"))
     cp = ControlPlane(work / "cp", scheduler=False, controller_manager=False).start()
     plugin: PluginProcess | None = None
+    busy = Busy(args.busy)
+    load_at_start = os.getloadavg()[0]
     try:
         cp.create_node(NODE)
         cp.create_namespace(NS)
-        # Start-up is measured before anything else loads the machine.
+        # Start-up is measured before anything else loads the machine, right after
+        # its floor (a plain grpclib server started the same way).
+        start_floor = time_floor_start(work)
         socket_s, getinfo_s, socket_getinfo_s, slice_s, plugin = time_startup(cp, work / "node")
         time.sleep(2)
         rss_idle = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
@@ -363,6 +485,7 @@ def main() -> None:
         rss_after = rss_mib(plugin.process.pid)  # type: ignore[union-attr]
         floor_sampler.close()
     finally:
+        busy.stop()
         if plugin is not None:
             plugin.stop()
         cp.stop()
@@ -384,8 +507,12 @@ def main() -> None:
         "rss_growth_mib": rss_after - rss_before_soak,
         "cpu_s_for_the_run": cpu_run,
         "cpu_ms_per_cycle": cpu_run * 1000 / (args.cycles + args.batches),
+        "cpu_ms_per_call": cpu_run * 1000 / (args.cycles + args.batches) / 2,
         **{f"held_{n}_{k}": v for n, figures in held.items() for k, v in figures.items()},
         **floor,
+        **start_floor,
+        "busy_processes": args.busy,
+        "load_average_1m_at_start": load_at_start,
         "load_average_1m": os.getloadavg()[0],
         "cycles": args.cycles,
         "batches": args.batches,
@@ -397,56 +524,40 @@ def main() -> None:
         + floor["atomic_write_p50_ms"]
         + floor["grpclib_rtt_p50_ms"],
         "unprepare": floor["atomic_write_p50_ms"] + floor["grpclib_rtt_p50_ms"],
+        # Start-up, memory and CPU: the plain grpclib server (Python, asyncio, grpclib,
+        # the DRA v1 messages) started, timed and called the same way.
+        "socket": start_floor["floor_start_to_socket_s"],
+        "answer": start_floor["floor_start_to_answer_s"],
+        "rss": start_floor["floor_rss_idle_mib"],
+        "cpu": floor["grpclib_cpu_ms_per_call"],
         # A batch: its GETs all at once, one durable write, one round trip.
         "batch": floor["batch_gets_p50_ms"]
         + floor["atomic_write_p50_ms"]
         + floor["grpclib_rtt_p50_ms"],
     }
-    bs = args.batch_size
-    rows: list[tuple[str, float, float | None, str, str | None]] = [
-        ("prepare 1 claim p50", result["prepare_1_p50_ms"], 4.5, "ms", "prepare"),
-        ("prepare 1 claim p90", result["prepare_1_p90_ms"], None, "ms", "prepare"),
-        ("prepare 1 claim p99", result["prepare_1_p99_ms"], 7.5, "ms", "prepare"),
-        ("unprepare 1 claim p50", result["unprepare_1_p50_ms"], 1.7, "ms", "unprepare"),
-        ("unprepare 1 claim p99", result["unprepare_1_p99_ms"], None, "ms", "unprepare"),
-        (f"prepare {bs} claims p50", result[f"prepare_{bs}_p50_ms"], 25.0, "ms", "batch"),
-        (f"prepare {bs} claims p99", result[f"prepare_{bs}_p99_ms"], None, "ms", "batch"),
-    ]
-    # The reference for a filled node: the empty node measured just before it.
-    empty_p50 = held[0]["prepare_p50_ms"] if 0 in held else result["prepare_1_p50_ms"]
     for n in held_levels:
-        h = held[n]
-        call_floor[f"prepare {n}"] = h["prepare_floor_ms"]
-        call_floor[f"unprepare {n}"] = h["unprepare_floor_ms"]
-        rows.append(
-            (
-                f"prepare p50, {n} held ({h['state_kib']:.0f} KiB)",
-                h["prepare_p50_ms"],
-                1.2 * empty_p50,
-                "ms",
-                f"prepare {n}",
-            )
-        )
-        rows.append(
-            (f"unprepare p50, {n} held", h["unprepare_p50_ms"], None, "ms", f"unprepare {n}")
-        )
-    rows += [
-        ("start -> registration socket", result["start_to_registration_socket_s"], 0.1, "s", None),
-        ("start -> GetInfo", result["start_to_getinfo_s"], None, "s", None),
-        ("registration socket -> GetInfo", result["socket_to_getinfo_s"], 0.1, "s", None),
-        ("start -> slice visible", result["start_to_slice_s"], 1.0, "s", None),
-        ("RSS idle", result["rss_idle_mib"], 41.0, "MiB", None),
-        ("RSS after load", result["rss_after_load_mib"], None, "MiB", None),
-        (f"RSS growth over {args.soak} cycles", result["rss_growth_mib"], 5.0, "MiB", None),
-        ("plugin CPU for the run", result["cpu_s_for_the_run"], None, "s", None),
-        ("plugin CPU per call", result["cpu_ms_per_cycle"] / 2, None, "ms", None),
-    ]
-    print(f"\n{'figure':40} {'value':>10} {'target':>10}  met  x floor")
-    for name, value, target, unit, kind in rows:
+        call_floor[f"prepare {n}"] = held[n]["prepare_floor_ms"]
+        call_floor[f"unprepare {n}"] = held[n]["unprepare_floor_ms"]
+    bs = args.batch_size
+    rows = table_rows(result, held_levels, bs, args.soak)
+    # The same figures of the quiet run, for --busy: which ones a loaded machine moves.
+    quiet_values = {
+        key: quiet[key]
+        for _, key, *_ in table_rows(quiet, held_levels, bs, args.soak)
+        if quiet.get(key)
+    }
+    header = f"\n{'figure':40} {'value':>10} {'target':>10}  met  x floor"
+    print(header + ("  x quiet" if quiet_values else ""))
+    for name, key, target, unit, kind in rows:
+        value = result[key]
         ratio = f"{value / call_floor[kind]:6.1f}" if kind else "     -"
         goal = f"{target:8.2f}{unit:>3}" if target is not None else " " * 11
         met = "   " if target is None else ("yes" if value <= target else "NO ")
-        print(f"{name:40} {value:8.2f}{unit:>3} {goal}  {met}  {ratio}")
+        line = f"{name:40} {value:8.2f}{unit:>3} {goal}  {met}  {ratio}"
+        if key in quiet_values:
+            moved = value / quiet_values[key]
+            line += f"  {moved:6.1f}{' > 1.5' if moved > 1.5 else ''}"
+        print(line)
     print(
         f"\nfloor (same run): GET claim p50 {floor['get_claim_p50_ms']:.2f} ms "
         f"(p99 {floor['get_claim_p99_ms']:.2f}); atomic write+fsync p50 "
@@ -456,8 +567,18 @@ def main() -> None:
         f"unprepare floor {call_floor['unprepare']:.2f} ms; {bs} concurrent GETs p50 "
         f"{floor['batch_gets_p50_ms']:.2f} ms, batch floor {call_floor['batch']:.2f} ms"
     )
-    print(f"load average (1 min) at the end: {result['load_average_1m']:.1f}")
-    out = RESULTS / "plugin.json"
+    print(
+        f"start-up floor (same run): a plain grpclib server's socket after "
+        f"{start_floor['floor_start_to_socket_s']:.3f} s, first answer after "
+        f"{start_floor['floor_start_to_answer_s']:.3f} s, idle RSS "
+        f"{start_floor['floor_rss_idle_mib']:.1f} MiB; its CPU per round trip "
+        f"{floor['grpclib_cpu_ms_per_call']:.2f} ms"
+    )
+    print(
+        f"load average (1 min): {load_at_start:.1f} at the start, "
+        f"{result['load_average_1m']:.1f} at the end"
+        + (f"; {args.busy} busy-looping processes beside the bench" if args.busy else "")
+    )
     out.write_text(json.dumps(result, indent=2))
     print(f"written {out}")
 
