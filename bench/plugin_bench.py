@@ -243,6 +243,18 @@ def _time_getinfo(plugin: PluginProcess, t0: float, out: dict[str, float]) -> No
             return
 
 
+def compile_bytecode() -> None:
+    """Compile the driver's packages as the image's install does: without it (the
+    development environment sets PYTHONDONTWRITEBYTECODE) every start of the plugin
+    would compile its sources first, a sixth of its start-up that a pod never pays."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "controller", "kubeletplugin", "proto_gen"],
+        cwd=root,
+        check=True,
+    )
+
+
 def time_floor_start(workdir: Path) -> dict[str, float]:
     """The start-up and memory floor: a plain grpclib server (`bench.grpclib_floor`:
     Python, asyncio, grpclib and the DRA v1 messages) started the way the plugin is,
@@ -412,6 +424,7 @@ def main() -> None:
         cp.create_namespace(NS)
         # Start-up is measured before anything else loads the machine, right after
         # its floor (a plain grpclib server started the same way).
+        compile_bytecode()
         start_floor = time_floor_start(work)
         socket_s, getinfo_s, socket_getinfo_s, slice_s, plugin = time_startup(cp, work / "node")
         time.sleep(2)

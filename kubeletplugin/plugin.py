@@ -164,13 +164,13 @@ GET_INFO_HEAD_START = 0.2
 IMPORT_SWITCH_INTERVAL = 0.0005
 
 
-def _import_cluster_side() -> None:
+def _import_cluster_side(modules: tuple[str, ...]) -> None:
     """Import the API layer, the publisher and the gRPC client (a worker thread's job:
     ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
     default = sys.getswitchinterval()
     sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
     try:
-        for module in CLUSTER_SIDE_MODULES:
+        for module in modules:
             importlib.import_module(module)
     finally:
         sys.setswitchinterval(default)
@@ -185,7 +185,10 @@ async def _serve_cluster_side(
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)
     try:
-        await anyio.to_thread.run_sync(_import_cluster_side)
+        # A kubeconfig file (out of cluster) is YAML: its parser is imported only
+        # then, and here rather than on the event loop that reads the file.
+        modules = CLUSTER_SIDE_MODULES + (("yaml",) if args.kubeconfig else ())
+        await anyio.to_thread.run_sync(_import_cluster_side, modules)
     finally:
         sys.setswitchinterval(interval)
     # Already imported: these are dictionary lookups now.
