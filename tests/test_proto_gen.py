@@ -5,6 +5,7 @@ betterproto2 code is exactly what hack/gen_proto.py makes of them."""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,30 @@ def test_health_status_enum_matches_upstream() -> None:
             "HEALTHY": 1,
             "UNHEALTHY": 2,
         }
+
+
+def test_generated_code_loads_without_importlib_metadata() -> None:
+    # The plugin imports the generated messages before its sockets serve: they
+    # must not bring in importlib.metadata (and with it email, zipfile, csv).
+    code = (
+        "import sys\n"
+        "from proto_gen.generated import pluginregistration\n"
+        "import betterproto2\n"
+        "print(betterproto2.__version__, 'importlib.metadata' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [importlib.metadata.version("betterproto2"), "False"]
+
+
+def test_code_from_another_compiler_minor_version_is_refused() -> None:
+    code = (
+        "import proto_gen, betterproto2\n"
+        "major, minor = betterproto2.__version__.split('.')[:2]\n"
+        "betterproto2.check_compiler_version(f'{major}.{minor}.99')\n"
+        "betterproto2.check_compiler_version(f'{major}.{int(minor) + 1}.0')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr and "hack/gen_proto.py" in run.stderr, run.stderr
