@@ -154,6 +154,8 @@ CLUSTER_SIDE_MODULES = (
     "controller.kube.kubeconfig",
     "kubeletplugin.publisher",
     "kubeletplugin.self_probe",
+    # The codec yarl encodes the API server's host name with, at the first request.
+    "encodings.idna",
 )
 
 
