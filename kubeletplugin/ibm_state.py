@@ -42,9 +42,10 @@ from typing import Any
 
 import orjson
 
+from controller.nx.names import DEVICE_PATH
 from kubeletplugin.atomic_write import atomic_write_bytes, remove_durably
 
-from .cdi import DEFAULT_DEVICE_PATH, SPEC_FILE_PREFIX, minimum_cdi_version
+from .cdi import SPEC_FILE_PREFIX, minimum_cdi_version
 from .claims import CDI_KIND, PreparedClaim, PreparedDevice, validate_claim_uid
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def ibm_specs_present(cdi_root: Path, uid: str) -> bool:
 def write_ibm_specs(
     cdi_root: Path,
     uid: str,
-    device_path: str = DEFAULT_DEVICE_PATH,
+    device_path: str = DEVICE_PATH,
     host_path: str | None = None,
 ) -> list[str]:
     """Re-create the missing spec files of an adopted claim, as IBM's driver wrote
@@ -340,7 +341,7 @@ def remove_ibm_specs(
 def reconcile_ibm_specs(
     cdi_root: Path,
     claims: Mapping[str, PreparedClaim],
-    device_path: str = DEFAULT_DEVICE_PATH,
+    device_path: str = DEVICE_PATH,
     host_path: str | None = None,
 ) -> list[str]:
     """Make IBM's spec files match the prepared claims; notes for the operator. Blocking.
