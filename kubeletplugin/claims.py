@@ -321,17 +321,6 @@ def _targets(config_requests: tuple[str, ...], request_name: str) -> bool:
     return any(request_name == r or request_name.startswith(r + "/") for r in config_requests)
 
 
-def claim_configs_for_request(
-    claim: Mapping[str, Any], driver: str, request_name: str
-) -> list[Any]:
-    """Raw opaque parameters of `driver` that apply to one request, in merge order.
-
-    Class configs come before claim configs (the later wins when merged);
-    configs naming other requests are skipped.
-    """
-    return [c.parameters for c in _our_configs(claim, driver) if _targets(c.requests, request_name)]
-
-
 def parent_request(request_name: str) -> str:
     """The main request of an allocation result's request name (`parent/sub` -> `parent`).
 

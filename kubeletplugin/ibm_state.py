@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,31 +139,6 @@ def looks_like_ibm_checkpoint(document: Any) -> bool:
         and isinstance(document.get("checksum"), int)
         and set(document) <= {"checksum", "v1"}
     )
-
-
-def encode_ibm_checkpoint(prepared: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
-    """IBM's state file holding `prepared` (claim UID -> IBM device dicts), as its
-    driver writes it: Go's JSON (map keys sorted, struct fields in order) with
-    the checksum. The inverse of `decode_ibm_checkpoint`; tests use it to stand
-    in for IBM's driver."""
-    v1: dict[str, Any] = {}
-    if prepared:  # `preparedClaims,omitempty`
-        v1["preparedClaims"] = {uid: list(prepared[uid]) for uid in sorted(prepared)}
-    document: dict[str, Any] = {"checksum": 0, "v1": v1}
-    document["checksum"] = ibm_checksum(go_json(document))
-    return go_json(document)
-
-
-def ibm_device(uid: str, node_name: str, request: str, env: Sequence[str] = ()) -> dict[str, Any]:
-    """One device entry of IBM's state file, in Go's field order."""
-    device: dict[str, Any] = {
-        "request_names": [request],
-        "pool_name": node_name,
-        "device_name": IBM_DEVICE_NAME,
-        "cdi_device_ids": list(ibm_cdi_device_ids(uid)),
-        "ContainerEdits": {"env": list(env)} if env else None,
-    }
-    return device
 
 
 def _verify_ibm_checksum(data: bytes, document: Mapping[str, Any]) -> None:
