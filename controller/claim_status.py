@@ -54,7 +54,6 @@ from controller.nx.nxconfig import NxConfigError, decode_nx_config
 log = logging.getLogger(__name__)
 
 DRIVER = DRIVER_NAME
-CREDITS = "credits"
 
 READY = "Ready"
 REASON_VALID = "ConfigValid"

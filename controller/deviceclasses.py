@@ -33,7 +33,6 @@ longer configured. Classes without our label are never touched.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from controller.config import ConfigFileError, check_keys, covers, load_yaml_fil
 from controller.kube.client import ApiClient
 from controller.kube.informer import Informer
 from controller.kube.resources import resource_kinds
+from controller.kube.validation import is_dns_subdomain
 from controller.kube.workqueue import WorkQueue
 from controller.nx.names import DRIVER_NAME, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from controller.nx.nxconfig import NxConfigError, decode_nx_config
@@ -59,7 +59,6 @@ CLASS_LABELS: Mapping[str, str] = {
 OURS_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
 
 _CLASS_KEYS = ("name", "selectors", "config", "extendedResourceName")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 Obj = dict[str, Any]
 
@@ -171,7 +170,7 @@ def parse_device_classes(
             if not isinstance(entry, Mapping):
                 raise ConfigFileError(f"{where}: must be an object with at least a name")
             check_keys(entry, _CLASS_KEYS, where)
-            if not isinstance(name, str) or len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+            if not isinstance(name, str) or not is_dns_subdomain(name):
                 raise ConfigFileError(
                     f"{where}.name: must be a DNS subdomain (lower case letters, digits, '-', "
                     f"'.'), got {name!r}"

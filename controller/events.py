@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 REPORTING_CONTROLLER = "nx.device.power.ibm.com/controller"
 WARNING = "Warning"
-NORMAL = "Normal"
 
 # Limits the API server validates (pkg/apis/core/validation/events.go).
 NOTE_MAX = 1024

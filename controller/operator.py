@@ -32,7 +32,6 @@ deleted; others are never touched.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +43,7 @@ from controller.config import ConfigFileError, check_keys, covers, load_yaml_fil
 from controller.kube.client import ApiClient
 from controller.kube.informer import Informer
 from controller.kube.resources import DAEMONSETS
+from controller.kube.validation import is_dns_label, is_env_var_name
 from controller.kube.workqueue import WorkQueue
 from controller.nx.names import FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE
 
@@ -83,8 +83,6 @@ _CONFIG_KEYS = (
     "kubeletPluginsDirectoryPath",
     "cdiRoot",
 )
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 
 Obj = dict[str, Any]
 
@@ -172,7 +170,7 @@ def parse_plugin_daemonset_config(doc: Any, *, source: str) -> PluginDaemonSetCo
             values["image_pull_secrets"] = tuple(secrets)
         for key, attr in (("name", "name"), ("serviceAccountName", "service_account_name")):
             if key in doc:
-                if not isinstance(doc[key], str) or not _DNS_LABEL.fullmatch(doc[key]):
+                if not isinstance(doc[key], str) or not is_dns_label(doc[key]):
                     raise ConfigFileError(f"{key}: must be a DNS label, got {doc[key]!r}")
                 values[attr] = doc[key]
         if "priorityClassName" in doc:
@@ -191,7 +189,7 @@ def parse_plugin_daemonset_config(doc: Any, *, source: str) -> PluginDaemonSetCo
             env = _object_list(doc["env"], "env")
             for i, var in enumerate(env):
                 name = var.get("name")
-                if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                if not isinstance(name, str) or not is_env_var_name(name):
                     raise ConfigFileError(f"env[{i}].name: must be a variable name, got {name!r}")
                 if "value" in var and not isinstance(var["value"], str):
                     raise ConfigFileError(

@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from controller.kube.validation import DNS_SUBDOMAIN_MAX_LENGTH, is_dns_label, is_dns_subdomain
 from controller.nx.allocation import (
     allocation_devices,
     driver_opaque_configs,
@@ -37,8 +38,6 @@ ENV_CLAIM = "NX_DRA_CLAIM"
 ENV_CREDITS = "NX_DRA_CREDITS"
 ENV_DEVICES = "NX_DRA_DEVICES"
 
-CREDITS_CAPACITY = "credits"
-
 SOURCE_FROM_CLASS = "FromClass"
 SOURCE_FROM_CLAIM = "FromClaim"
 
@@ -46,13 +45,6 @@ SOURCE_FROM_CLAIM = "FromClaim"
 # end with a letter or digit). Kubernetes UIDs are UUIDs; anything outside
 # this set is refused rather than escaped.
 _SAFE_UID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,126}[A-Za-z0-9])?")
-# What the API server accepts as a namespace (DNS-1123 label) and as a
-# ResourceClaim name (DNS-1123 subdomain, at most 253 characters).
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(
-    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-)
-MAX_NAME_LENGTH = 253
 
 
 class ClaimError(ValueError):
@@ -228,15 +220,15 @@ def validate_claim_ref(ref: ClaimRef) -> None:
     validate_claim_uid(ref.uid)
     # Escaped: the kubelet passes what a pod spec said, newlines and all, into error text.
     label = f"{clip(ref.namespace)!r}/{clip(ref.name)!r}"
-    if not _DNS_LABEL.fullmatch(ref.namespace):
+    if not is_dns_label(ref.namespace):
         raise ClaimError(
             f"claim {label} (uid {ref.uid}): namespace {clip(ref.namespace)!r} is not a "
             "Kubernetes namespace name (lower-case letters, digits, '-'; at most 63)"
         )
-    if len(ref.name) > MAX_NAME_LENGTH or not _DNS_SUBDOMAIN.fullmatch(ref.name):
+    if not is_dns_subdomain(ref.name):
         raise ClaimError(
             f"claim {label} (uid {ref.uid}): name {clip(ref.name)!r} is not a ResourceClaim "
-            f"name (lower-case letters, digits, '-', '.'; at most {MAX_NAME_LENGTH})"
+            f"name (lower-case letters, digits, '-', '.'; at most {DNS_SUBDOMAIN_MAX_LENGTH})"
         )
 
 
@@ -327,17 +319,6 @@ def _targets(config_requests: tuple[str, ...], request_name: str) -> bool:
     if not config_requests:
         return True
     return any(request_name == r or request_name.startswith(r + "/") for r in config_requests)
-
-
-def claim_configs_for_request(
-    claim: Mapping[str, Any], driver: str, request_name: str
-) -> list[Any]:
-    """Raw opaque parameters of `driver` that apply to one request, in merge order.
-
-    Class configs come before claim configs (the later wins when merged);
-    configs naming other requests are skipped.
-    """
-    return [c.parameters for c in _our_configs(claim, driver) if _targets(c.requests, request_name)]
 
 
 def parent_request(request_name: str) -> str:

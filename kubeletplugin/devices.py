@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from controller.nx.names import CREDITS_CAPACITY
 from kubeletplugin.discovery import Inventory
 from kubeletplugin.slices import AttributeValue, Capacity, Device, RequestPolicy, SemVer, is_semver
 
@@ -27,7 +28,6 @@ Mode = Literal["shared", "slots"]
 
 SHARED_DEVICE_NAME = "nx-gzip"
 SLOT_DEVICE_PREFIX = "nx-gzip-"
-CREDITS_CAPACITY = "credits"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,15 +36,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from controller.nx.names import DEVICE_PATH
 from kubeletplugin.atomic_write import atomic_write_bytes, remove_durably
 
-from .cdi import DEFAULT_DEVICE_PATH, SPEC_FILE_PREFIX, minimum_cdi_version
+from .cdi import SPEC_FILE_PREFIX, minimum_cdi_version
 from .claims import CDI_KIND, PreparedClaim, PreparedDevice, validate_claim_uid
 
 log = logging.getLogger(__name__)
@@ -138,31 +139,6 @@ def looks_like_ibm_checkpoint(document: Any) -> bool:
         and isinstance(document.get("checksum"), int)
         and set(document) <= {"checksum", "v1"}
     )
-
-
-def encode_ibm_checkpoint(prepared: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
-    """IBM's state file holding `prepared` (claim UID -> IBM device dicts), as its
-    driver writes it: Go's JSON (map keys sorted, struct fields in order) with
-    the checksum. The inverse of `decode_ibm_checkpoint`; tests use it to stand
-    in for IBM's driver."""
-    v1: dict[str, Any] = {}
-    if prepared:  # `preparedClaims,omitempty`
-        v1["preparedClaims"] = {uid: list(prepared[uid]) for uid in sorted(prepared)}
-    document: dict[str, Any] = {"checksum": 0, "v1": v1}
-    document["checksum"] = ibm_checksum(go_json(document))
-    return go_json(document)
-
-
-def ibm_device(uid: str, node_name: str, request: str, env: Sequence[str] = ()) -> dict[str, Any]:
-    """One device entry of IBM's state file, in Go's field order."""
-    device: dict[str, Any] = {
-        "request_names": [request],
-        "pool_name": node_name,
-        "device_name": IBM_DEVICE_NAME,
-        "cdi_device_ids": list(ibm_cdi_device_ids(uid)),
-        "ContainerEdits": {"env": list(env)} if env else None,
-    }
-    return device
 
 
 def _verify_ibm_checksum(data: bytes, document: Mapping[str, Any]) -> None:
@@ -271,7 +247,7 @@ def ibm_specs_present(cdi_root: Path, uid: str) -> bool:
 def write_ibm_specs(
     cdi_root: Path,
     uid: str,
-    device_path: str = DEFAULT_DEVICE_PATH,
+    device_path: str = DEVICE_PATH,
     host_path: str | None = None,
 ) -> list[str]:
     """Re-create the missing spec files of an adopted claim, as IBM's driver wrote
@@ -340,7 +316,7 @@ def remove_ibm_specs(
 def reconcile_ibm_specs(
     cdi_root: Path,
     claims: Mapping[str, PreparedClaim],
-    device_path: str = DEFAULT_DEVICE_PATH,
+    device_path: str = DEVICE_PATH,
     host_path: str | None = None,
 ) -> list[str]:
     """Make IBM's spec files match the prepared claims; notes for the operator. Blocking.

@@ -217,7 +217,7 @@ async def _serve_cluster_side(
         options=device_options(args),
         inventory=view.inventory,
         held_credits=driver.credits_outside_our_slice,
-        on_mode_change=lambda _mode: _forget_devices_of_old_mode(view, driver),
+        on_mode_change=lambda _mode: forget_devices_of_old_mode(view, driver),
     )
     view.publisher = publisher
     driver.on_outside_credits_change = publisher.held_credits_changed
@@ -248,9 +248,11 @@ async def _serve_cluster_side(
         await client.close()
 
 
-def _forget_devices_of_old_mode(view: NodeView, driver: NxDriver) -> None:
-    # The shared `nx-gzip` device of the mode we fell back from was never really
-    # offered: reporting it "gone" (unhealthy) forever would be a phantom.
+def forget_devices_of_old_mode(view: NodeView, driver: NxDriver) -> None:
+    """After the publisher changed device mode: forget the devices offered so far.
+
+    The shared `nx-gzip` device of the mode we fell back from was never really
+    offered: reporting it "gone" (unhealthy) forever would be a phantom."""
     view.known.clear()
     driver.notify_health_changed()
 

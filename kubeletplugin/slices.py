@@ -33,6 +33,7 @@ from typing import Any
 
 from controller.kube.quantity import parse_quantity
 from controller.kube.resources import RESOURCE_GROUP
+from controller.kube.validation import is_c_identifier, is_dns_label, is_dns_subdomain
 from controller.nx.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 
 # Kubernetes objects travel as plain JSON dicts.
@@ -50,9 +51,6 @@ SLICE_NAME_INFIX = "-nx-gzip-"
 
 # Limits the API server validates (k8s.io/api resource types and validation).
 MAX_ATTRIBUTE_VALUE_LENGTH = 64
-_DNS_LABEL_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_C_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
@@ -111,7 +109,7 @@ class Device:
 
     def __post_init__(self) -> None:
         # Checked here so a bad name fails where it is made, not as a 422 on publish.
-        if not _DNS_LABEL_RE.fullmatch(self.name):
+        if not is_dns_label(self.name):
             raise ValueError(f"device name {self.name!r} is not a DNS label")
         for name in (*self.attributes, *self.capacity):
             if not _is_qualified_name(name):
@@ -128,9 +126,9 @@ class Device:
 
 def _is_qualified_name(name: str) -> bool:
     domain, slash, identifier = name.rpartition("/")
-    if slash and (len(domain) > 63 or not _DNS_SUBDOMAIN_RE.fullmatch(domain)):
+    if slash and (len(domain) > 63 or not is_dns_subdomain(domain)):
         return False
-    return len(identifier) <= 32 and _C_IDENTIFIER_RE.fullmatch(identifier) is not None
+    return len(identifier) <= 32 and is_c_identifier(identifier)
 
 
 def is_semver(value: str) -> bool:

@@ -23,6 +23,7 @@ going away) and deletes its slice only when asked (IBM's driver leaves it).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ from kubeletplugin.ibm_state import (
     IBM_COMMON_SPEC_FILE,
     IBM_DEVICE_NAME,
     IBM_SPEC_ENV,
-    encode_ibm_checkpoint,
+    go_json,
     ibm_cdi_device_ids,
+    ibm_checksum,
     ibm_claim_device,
     ibm_claim_spec_file,
-    ibm_device,
 )
 from tests import grpc_stubs
 from tests.harness.node import Api, RealNode
@@ -53,6 +54,30 @@ IBM_DEVICE_ENV = (
     "NX_DEVICE_SHARING_STRATEGY=TimeSlicing",
     "NX_DEVICE_TIMESLICE_INTERVAL=Default",
 )
+
+
+def encode_ibm_checkpoint(prepared: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
+    """IBM's state file holding `prepared` (claim UID -> IBM device dicts), as its
+    driver writes it: Go's JSON (map keys sorted, struct fields in order) with
+    the checksum. The inverse of `decode_ibm_checkpoint`."""
+    v1: dict[str, Any] = {}
+    if prepared:  # `preparedClaims,omitempty`
+        v1["preparedClaims"] = {uid: list(prepared[uid]) for uid in sorted(prepared)}
+    document: dict[str, Any] = {"checksum": 0, "v1": v1}
+    document["checksum"] = ibm_checksum(go_json(document))
+    return go_json(document)
+
+
+def ibm_device(uid: str, node_name: str, request: str, env: Sequence[str] = ()) -> dict[str, Any]:
+    """One device entry of IBM's state file, in Go's field order."""
+    device: dict[str, Any] = {
+        "request_names": [request],
+        "pool_name": node_name,
+        "device_name": IBM_DEVICE_NAME,
+        "cdi_device_ids": list(ibm_cdi_device_ids(uid)),
+        "ContainerEdits": {"env": list(env)} if env else None,
+    }
+    return device
 
 
 def ibm_slice(node: str) -> dict[str, Any]:

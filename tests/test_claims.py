@@ -17,7 +17,6 @@ from kubeletplugin.claims import (
     PreparedDevice,
     build_prepared_claim,
     check_claim,
-    claim_configs_for_request,
     our_results,
     validate_claim_ref,
     validate_claim_uid,
@@ -153,67 +152,6 @@ def test_an_unallocated_claim_has_no_results() -> None:
     assert our_results(make_claim(allocated=False), DRIVER, POOL) == []
 
 
-# --- claim_configs_for_request ------------------------------------------------------------
-
-
-def test_class_configs_come_before_claim_configs_whatever_the_api_order() -> None:
-    claim = make_claim(
-        config=[
-            opaque({"n": "claim-1"}, source="FromClaim"),
-            opaque({"n": "class-1"}, source="FromClass"),
-            opaque({"n": "claim-2"}, source="FromClaim"),
-            opaque({"n": "class-2"}, source="FromClass"),
-        ]
-    )
-    assert claim_configs_for_request(claim, DRIVER, "nx") == [
-        {"n": "class-1"},
-        {"n": "class-2"},
-        {"n": "claim-1"},
-        {"n": "claim-2"},
-    ]
-
-
-def test_configs_of_other_drivers_are_skipped() -> None:
-    claim = make_claim(
-        config=[opaque({"n": "gpu"}, driver="gpu.example.com"), opaque({"n": "ours"})]
-    )
-    assert claim_configs_for_request(claim, DRIVER, "nx") == [{"n": "ours"}]
-
-
-def test_config_entries_without_opaque_parameters_are_skipped() -> None:
-    claim = make_claim(config=[{"source": "FromClaim"}, opaque({"n": "ours"})])
-    assert claim_configs_for_request(claim, DRIVER, "nx") == [{"n": "ours"}]
-
-
-def test_a_config_without_requests_applies_to_every_request() -> None:
-    claim = make_claim(config=[opaque({"n": 1})])
-    assert claim_configs_for_request(claim, DRIVER, "a") == [{"n": 1}]
-    assert claim_configs_for_request(claim, DRIVER, "b/sub") == [{"n": 1}]
-
-
-def test_a_config_naming_requests_applies_only_to_them() -> None:
-    claim = make_claim(config=[opaque({"n": 1}, requests=["a"])])
-    assert claim_configs_for_request(claim, DRIVER, "a") == [{"n": 1}]
-    assert claim_configs_for_request(claim, DRIVER, "b") == []
-
-
-def test_a_config_naming_a_main_request_applies_to_its_subrequests() -> None:
-    claim = make_claim(config=[opaque({"n": 1}, requests=["req"])])
-    assert claim_configs_for_request(claim, DRIVER, "req/sub") == [{"n": 1}]
-
-
-def test_a_config_naming_a_subrequest_applies_only_to_that_subrequest() -> None:
-    claim = make_claim(config=[opaque({"n": 1}, requests=["req/sub"])])
-    assert claim_configs_for_request(claim, DRIVER, "req/sub") == [{"n": 1}]
-    assert claim_configs_for_request(claim, DRIVER, "req/other") == []
-    assert claim_configs_for_request(claim, DRIVER, "req") == []
-
-
-def test_a_request_name_prefix_is_not_a_main_request() -> None:
-    claim = make_claim(config=[opaque({"n": 1}, requests=["re"])])
-    assert claim_configs_for_request(claim, DRIVER, "req/sub") == []
-
-
 # --- quantities ---------------------------------------------------------------------------
 
 
@@ -322,6 +260,20 @@ def test_a_config_for_a_main_request_reaches_the_allocated_subrequest() -> None:
     )
     (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
     assert device.env["NX_GZIP_STRATEGY"] == "0"
+
+
+def test_a_config_for_a_request_name_prefix_does_not_reach_the_subrequest() -> None:
+    claim = make_claim(
+        [result(request="req/small")], config=[opaque(nx(strategy="fixed"), requests=["re"])]
+    )
+    (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
+    assert "NX_GZIP_STRATEGY" not in device.env
+
+
+def test_config_entries_without_opaque_parameters_are_skipped() -> None:
+    claim = make_claim(config=[{"source": "FromClaim"}, opaque(nx(verbose=2))])
+    (device,) = build_prepared_claim(claim, DRIVER, POOL, ["nx-gzip"]).devices
+    assert device.env["NX_GZIP_VERBOSE"] == "2"
 
 
 def test_a_subrequest_result_is_reported_under_its_parent_request() -> None:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +25,7 @@ from controller.claim_status import (
 from controller.kube.client import ApiClient
 from controller.kube.errors import Invalid
 from controller.kube.resources import EVENTS, resource_kinds
+from tests.controller_sync import cache_current, settled
 from tests.harness.cluster import ControlPlane
 from tests.test_leader import restricted_config
 
@@ -400,7 +399,11 @@ async def test_an_allocated_claim_gets_ready_entries_next_to_other_drivers_and_l
                 return not claim.get("status", {}).get("allocation")
 
             await _eventually(deallocated)
-            await anyio.sleep(0.5)  # give the controller a chance to (wrongly) write again
+            # The controller has seen the deallocated claim and finished the reconciles it
+            # caused: a (wrong) write of our entries would have been made by now.
+            await settled(
+                controller.queue, cache_current(api, controller.informer, claims, "claim", ns)
+            )
             tg.cancel_scope.cancel()
         final = await api.get(claims, "claim", ns)
         assert not final.get("status", {}).get("devices")
@@ -447,7 +450,10 @@ async def test_a_bad_nxconfig_gets_one_warning_event_naming_the_field(
                         f"round={round_}",
                         "--overwrite",
                     )
-                    await anyio.sleep(0.5)
+                    await settled(
+                        controller.queue,
+                        cache_current(api, controller.informer, claims, "claim", ns),
+                    )
                     tg.cancel_scope.cancel()
 
         (event,) = await warnings()
@@ -463,9 +469,3 @@ async def test_a_bad_nxconfig_gets_one_warning_event_naming_the_field(
         assert "parameters.verbos" in condition["message"]
     finally:
         _teardown(control_plane, ns)
-
-
-def test_setup_objects_are_json() -> None:
-    # The claim fixture data must survive a JSON round trip unchanged (no tuples, no sets).
-    claim = _claim([_config(NX)], [_ours()])
-    assert json.loads(json.dumps(claim)) == copy.deepcopy(claim)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,8 @@ class _FakeLoops:
 
         client = ApiClient(ClusterConfig(server="https://127.0.0.1:1"), watch_timeout=60)
         self.informer = Informer(client, NODES)
-        self.queue = WorkQueue("test")
+        self.now = time.monotonic()
+        self.queue = WorkQueue("test", clock=lambda: self.now)
 
 
 def test_a_controller_whose_loops_move_is_healthy() -> None:
@@ -236,7 +238,7 @@ async def test_a_reconcile_that_never_ends_makes_the_controller_unhealthy() -> N
     loops = _FakeLoops()
     loops.queue.add("ns/stuck")
     assert await loops.queue.get() == "ns/stuck"
-    loops.queue._started["ns/stuck"] -= 3600  # began an hour ago, never done
+    loops.now += 3600  # an hour later, still not done
     state = RunState(controllers=[loops])  # type: ignore[list-item]
     assert "reconcile of ns/stuck running for 36" in state.unhealthy_reason()
     loops.queue.done("ns/stuck")

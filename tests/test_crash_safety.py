@@ -429,10 +429,14 @@ def corrupted_own(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[
 
 
 def test_plugin_with_a_corrupt_checkpoint_keeps_running(corrupted: Corrupted) -> None:
-    time.sleep(1.0)  # a crash loop would show by now
-    assert corrupted.plugin.process is not None and corrupted.plugin.process.alive()
+    # Past start-up it does the kubelet's work: answers GetInfo and a prepare of every
+    # claim, and is alive after both.
     info = get_plugin_info(corrupted.plugin.registration_socket)
     assert info.name == "nx.device.power.ibm.com"
+    with DraClient(corrupted.plugin.dra_socket) as client:
+        again = client.prepare(corrupted.claims, timeout=CALL_TIMEOUT)
+    assert all(not answer.error for answer in again.values()), again
+    assert corrupted.plugin.process is not None and corrupted.plugin.process.alive()
 
 
 def test_corrupt_checkpoint_is_moved_aside(corrupted: Corrupted) -> None:

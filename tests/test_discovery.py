@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pytest
@@ -326,10 +325,3 @@ def test_discover_reads_cpuinfo_when_given(tmp_path: Path) -> None:
 
 def test_discover_tolerates_a_missing_cpuinfo(tmp_path: Path) -> None:
     assert discover_in(tmp_path, tmp_path / "no-such-file").processor_generation is None
-
-
-def test_fake_device_node_is_created_at_the_conventional_path(tmp_path: Path) -> None:
-    path = write_dev_node(tmp_path)
-    assert path == tmp_path / "dev/crypto/nx-gzip"
-    mode = path.stat().st_mode
-    assert stat.S_ISCHR(mode) or stat.S_ISREG(mode)

@@ -21,13 +21,12 @@ from kubeletplugin.ibm_state import (
     IBM_DEVICE_NAME,
     IbmCheckpointError,
     decode_ibm_checkpoint,
-    encode_ibm_checkpoint,
     ibm_cdi_device_ids,
     ibm_checksum,
     ibm_claim_spec_file,
-    ibm_device,
 )
 from tests.fake_sysfs import make_powervm_tree
+from tests.ibm_driver_standin import encode_ibm_checkpoint, ibm_device
 
 NODE = "node-0"
 UID = "0b5f1a2c-7d3e-4f60-9a8b-1c2d3e4f5a6b"

@@ -21,9 +21,7 @@ import pytest
 from kubeletplugin.driver import DriverPaths, NxDriver
 from kubeletplugin.ibm_state import (
     IBM_COMMON_SPEC_FILE,
-    encode_ibm_checkpoint,
     ibm_claim_spec_file,
-    ibm_device,
 )
 from tests.fake_sysfs import (
     make_empty_tree,
@@ -32,6 +30,7 @@ from tests.fake_sysfs import (
     write_dev_node,
 )
 from tests.harness.cluster import ControlPlane
+from tests.ibm_driver_standin import encode_ibm_checkpoint, ibm_device
 
 DRIVER = "nx.device.power.ibm.com"
 API_VERSIONS = ("v1", "v1beta2", "v1beta1")

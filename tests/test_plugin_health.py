@@ -14,12 +14,16 @@ from kubeletplugin.plugin import NodeView, device_health
 from tests.fake_sysfs import make_powervm_tree, write_dev_node
 
 
-def _view(tmp_path: Path, *, total: int = 8, used: int = 0, dev: bool = True) -> NodeView:
+def _view(
+    tmp_path: Path, *, total: int = 8, used: int = 0, dev: bool = True, mode: str = "shared"
+) -> NodeView:
     sysfs = make_powervm_tree(tmp_path / "sys", total_credits=total, used_credits=used)
     if dev:
         write_dev_node(tmp_path / "hostdev")
     inventory = discover(sysfs, tmp_path / "hostdev" / "dev" / "crypto" / "nx-gzip")
-    args = build_parser().parse_args(["--node-name", "n1", "--sysfs-root", str(sysfs)])
+    args = build_parser().parse_args(
+        ["--node-name", "n1", "--sysfs-root", str(sysfs), "--device-mode", mode]
+    )
     return NodeView("n1", inventory, args)
 
 
@@ -37,9 +41,10 @@ def test_all_credits_in_use_is_load_not_a_fault(tmp_path: Path) -> None:
 def test_a_device_whose_node_vanished_stays_listed_as_unhealthy(tmp_path: Path) -> None:
     view = _view(tmp_path)
     assert device_health(view)[0].healthy is True
-    gone = _view(tmp_path / "after", dev=False)
-    view._inventory = gone._inventory  # the next discovery finds no device node
-    (h,) = device_health(view)
+    # Later in the same run, discovery finds no device node.
+    later = _view(tmp_path / "after", dev=False)
+    later.known.update(view.known)
+    (h,) = device_health(later)
     assert (h.device_name, h.healthy) == ("nx-gzip", False)
     assert "/dev/crypto/nx-gzip is missing" in h.message
 
@@ -47,9 +52,7 @@ def test_a_device_whose_node_vanished_stays_listed_as_unhealthy(tmp_path: Path) 
 def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
     tmp_path: Path,
 ) -> None:
-    from dataclasses import replace
-
-    from kubeletplugin.plugin import _forget_devices_of_old_mode
+    from kubeletplugin.plugin import forget_devices_of_old_mode
 
     class Driver:
         woken = 0
@@ -59,10 +62,12 @@ def test_the_shared_device_is_not_reported_gone_after_falling_back_to_slots(
 
     view = _view(tmp_path)
     assert [h.device_name for h in device_health(view)] == ["nx-gzip"]  # shared mode
-    view._options = replace(view._options, mode="slots")  # the publisher fell back
+    # The publisher fell back: the same run now offers the devices of slot mode.
+    slots = _view(tmp_path / "slots", mode="slots")
+    slots.known.update(view.known)
     driver = Driver()
-    _forget_devices_of_old_mode(view, driver)  # type: ignore[arg-type]
-    health = device_health(view)
+    forget_devices_of_old_mode(slots, driver)  # type: ignore[arg-type]
+    health = device_health(slots)
     assert "nx-gzip" not in [h.device_name for h in health]
     assert all(h.healthy for h in health)
     assert driver.woken == 1

@@ -40,7 +40,6 @@ DRIVER = "nx.device.power.ibm.com"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 TOTAL_CREDITS_FILE = f"{VAS_GZIP_DIR}/default_capabilities/nr_total_credits"
 WAIT = 30.0  # generous: two cores shared with other test runs
-RESTORE_BOUND = 2.0  # a watch event, not the 30 s rediscovery timer
 # 4 credits minus the 1 reserved: the slot devices (or shares) a test node offers.
 SLOTS_OF_FOUR_CREDITS = ["nx-gzip-0", "nx-gzip-1", "nx-gzip-2"]
 ONLY_V1BETA1 = "resource.k8s.io/v1beta1=true,resource.k8s.io/v1=false,resource.k8s.io/v1beta2=false"
@@ -429,28 +428,30 @@ def test_slot_mode_gives_each_pod_its_own_device(
 # --- level-triggered publishing ---------------------------------------------------------
 
 
-async def _restored_after(
+async def _restored(
     api: ApiClient,
     name: str,
     change: Callable[[], Awaitable[None]],
     restored: Callable[[dict[str, Any]], bool],
-) -> float:
-    """Seconds from `change()` returning until the slice `name` satisfies `restored`."""
+) -> None:
+    """Make `change()`, then wait until the slice `name` satisfies `restored`.
+
+    The tests run the plugin with rediscovery once an hour: within WAIT only the
+    plugin's watch of its slices can restore them."""
     slices = resource_kinds("v1")["ResourceSlice"]
     await change()
-    started = time.monotonic()
     with anyio.fail_after(WAIT):
         while True:
             try:
                 if restored(await api.get(slices, name)):
-                    return time.monotonic() - started
+                    return
             except NotFound:
                 pass
             await anyio.sleep(0.02)
 
 
 @pytest.mark.anyio
-async def test_a_deleted_slice_is_restored_by_the_watch_within_two_seconds(
+async def test_a_deleted_slice_is_restored_by_the_watch(
     api: ApiClient, control_plane: ControlPlane, workdir: Path, unique_name: str
 ) -> None:
     # Rediscovery once an hour: only the watch can bring the slice back in time.
@@ -465,10 +466,7 @@ async def test_a_deleted_slice_is_restored_by_the_watch_within_two_seconds(
         async def delete() -> None:
             await api.delete(slices, name)
 
-        seconds = await _restored_after(
-            api, name, delete, lambda obj: obj["metadata"]["uid"] != uid
-        )
-        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
+        await _restored(api, name, delete, lambda obj: obj["metadata"]["uid"] != uid)
         assert _credits(plugin.slices()[0]) == _credits(before)
     finally:
         plugin.stop()
@@ -491,10 +489,7 @@ async def test_an_edited_device_in_our_slice_is_restored(
             obj["spec"]["devices"][0]["capacity"]["credits"]["value"] = "1000"
             await api.replace(slices, obj)
 
-        seconds = await _restored_after(
-            api, name, edit, lambda obj: _credits(obj) == _credits(before)
-        )
-        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
+        await _restored(api, name, edit, lambda obj: _credits(obj) == _credits(before))
         after = plugin.slices()[0]
         assert after["spec"]["devices"] == before["spec"]["devices"]
         assert _generation(after) > _generation(before)
@@ -522,13 +517,12 @@ async def test_our_label_removed_from_our_slice_is_restored(
                 {"metadata": {"labels": {MANAGED_BY: None, "team": "someone-else"}}},
             )
 
-        seconds = await _restored_after(
+        await _restored(
             api,
             name,
             edit,
             lambda obj: obj["metadata"].get("labels", {}).get(MANAGED_BY) == "power-dra-driver",
         )
-        assert seconds < RESTORE_BOUND, f"restored after {seconds:.2f}s"
         # Labels others added stay.
         assert plugin.slices()[0]["metadata"]["labels"]["team"] == "someone-else"
     finally:

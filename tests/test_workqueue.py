@@ -84,5 +84,5 @@ async def test_shutdown_wakes_waiting_getters() -> None:
                 await q.get()
 
         tg.start_soon(getter)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the getter waits in get()
         q.shutdown()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 RESOURCE_GROUP = "resource.k8s.io"
 # Best first: the order in which we prefer served versions of resource.k8s.io.
@@ -25,10 +25,6 @@ class Resource:
     def api_version(self) -> str:
         """The `apiVersion` field of objects of this resource."""
         return f"{self.group}/{self.version}" if self.group else self.version
-
-    def at_version(self, version: str) -> Resource:
-        """The same resource in another version of its group."""
-        return replace(self, version=version)
 
     def path(
         self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
@@ -63,13 +59,11 @@ def resource_kinds(version: str) -> dict[str, Resource]:
 
 NODES = Resource("", "v1", "nodes", "Node", False)
 PODS = Resource("", "v1", "pods", "Pod", True)
-NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
 EVENTS = Resource("events.k8s.io", "v1", "events", "Event", True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 DAEMONSETS = Resource("apps", "v1", "daemonsets", "DaemonSet", True)
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", True)
 CLUSTERROLES = Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False)
-SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True)
 
 
 def pick_resource_version(served: Iterable[str]) -> str:
@@ -96,11 +90,3 @@ def object_key(obj: dict[str, object]) -> str:
     name = str(meta.get("name", ""))
     namespace = meta.get("namespace")
     return f"{namespace}/{name}" if namespace else name
-
-
-def split_key(key: str) -> tuple[str | None, str]:
-    """Inverse of `object_key`."""
-    if "/" in key:
-        namespace, name = key.split("/", 1)
-        return namespace, name
-    return None, key

@@ -29,8 +29,15 @@ def backoff_delay(failures: int, base: float = 0.005, cap: float = 60.0) -> floa
 class WorkQueue:
     """Keys to reconcile; `get()` waits for one."""
 
-    def __init__(self, name: str = "queue", base_delay: float = 0.005, max_delay: float = 60.0):
+    def __init__(
+        self,
+        name: str = "queue",
+        base_delay: float = 0.005,
+        max_delay: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.name = name
+        self._clock = clock  # seconds, monotonic: delays and how long a reconcile runs
         self._base = base_delay
         self._max = max_delay
         self._queue: deque[str] = deque()
@@ -72,7 +79,7 @@ class WorkQueue:
         if delay <= 0:
             self.add(key)
             return
-        due = time.monotonic() + delay
+        due = self._clock() + delay
         if key in self._dirty:
             return
         if key not in self._delayed or self._delayed[key] > due:
@@ -100,7 +107,7 @@ class WorkQueue:
         if not self._started:
             return None
         key = min(self._started, key=self._started.__getitem__)
-        return key, time.monotonic() - self._started[key]
+        return key, self._clock() - self._started[key]
 
     def done(self, key: str) -> None:
         """Mark `key` processed; re-queue it if it was added meanwhile."""
@@ -116,7 +123,7 @@ class WorkQueue:
         self._notify()
 
     def _promote_due(self) -> float | None:
-        now = time.monotonic()
+        now = self._clock()
         next_due: float | None = None
         for key, due in list(self._delayed.items()):
             if due <= now:
@@ -137,7 +144,7 @@ class WorkQueue:
                 key = self._queue.popleft()
                 self._dirty.discard(key)
                 self._processing.add(key)
-                self._started[key] = time.monotonic()
+                self._started[key] = self._clock()
                 return key
             with anyio.move_on_after(wait if wait is not None else 3600):
                 await wakeup.wait()
@@ -159,7 +166,7 @@ class WorkQueue:
                     key = await self.get()
                 except anyio.EndOfStream:
                     return
-                start = time.monotonic()
+                start = self._clock()
                 error: BaseException | None = None
                 try:
                     await reconcile(key)
@@ -175,7 +182,7 @@ class WorkQueue:
                 finally:
                     self.done(key)
                 if on_result is not None:
-                    on_result(key, error, time.monotonic() - start)
+                    on_result(key, error, self._clock() - start)
 
         async with anyio.create_task_group() as tg:
             for _ in range(workers):

@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller.kube.quantity import parse_quantity
-
-CREDITS = "credits"
+from controller.nx.names import CREDITS_CAPACITY
 
 
 def allocation_devices(claim: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -76,7 +75,7 @@ def result_credits(result: Mapping[str, Any], driver: str) -> int:
         ValueError: the consumed capacity is not a quantity.
     """
     consumed = result.get("consumedCapacity") or {}
-    for key in (CREDITS, f"{driver}/{CREDITS}"):
+    for key in (CREDITS_CAPACITY, f"{driver}/{CREDITS_CAPACITY}"):
         if key in consumed:
             return quantity_to_credits(consumed[key])
     return 1

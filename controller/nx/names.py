@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Names both processes share: the driver, our field manager, our label, the device node."""
+"""Names both processes share: the driver, our field manager, our label, the device node,
+the capacity our devices offer."""
 
 from __future__ import annotations
 
@@ -10,3 +11,5 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "power-dra-driver"
 # The NX-gzip device node, on the host and inside containers.
 DEVICE_PATH = "/dev/crypto/nx-gzip"
+# The consumable capacity of our devices: NX-gzip (VAS) credits.
+CREDITS_CAPACITY = "credits"

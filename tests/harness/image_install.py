@@ -308,15 +308,6 @@ def wait_running(
     return pod
 
 
-def wait_gone(cp: ControlPlane, labels: Sequence[str], timeout: float = 60) -> None:
-    wait_for(
-        "driver pods gone",
-        lambda: not any(pods(cp, label) for label in labels),
-        timeout,
-        0.2,
-    )
-
-
 def container_rss_mib(node: RealNode, script: str) -> float:
     """RSS of the process in the node's containers whose command line names `script`."""
     for proc in Path("/proc").iterdir():

@@ -51,7 +51,7 @@ import yaml
 
 from kubeletplugin.checkpoint import read_state
 from tests.dra_objects import device_class
-from tests.fake_sysfs import VAS_GZIP_DIR, make_powervm_tree, write_sysfs_file
+from tests.fake_sysfs import make_powervm_tree
 
 from .cluster import (
     REPO,
@@ -989,12 +989,6 @@ disabled_plugins = [
     def create_device_node(self) -> None:
         assert self.ns is not None
         self.ns.run(["mknod", "-m", "666", "/dev/crypto/nx-gzip", "c", "1", "3"])
-
-    def set_used_credits(self, used: int) -> None:
-        """What the kernel reports as credits in use (all in use: the device is unhealthy)."""
-        write_sysfs_file(
-            self.sysfs_root, f"{VAS_GZIP_DIR}/default_capabilities/nr_used_credits", used
-        )
 
     # --- node events ----------------------------------------------------------------------
 
