@@ -28,6 +28,7 @@ import anyio.abc
 from controller.claim_status import ClaimStatusController
 from controller.config import ConfigFileError
 from controller.deviceclasses import DesiredClass, DeviceClassController, load_device_classes
+from controller.kube.backoff import BackoffPolicy, retry
 from controller.kube.client import ApiClient
 from controller.kube.errors import ApiError, NotFound, Unauthorized
 from controller.kube.informer import DEFAULT_STALL_AFTER, Informer
@@ -57,6 +58,8 @@ log = logging.getLogger("controller")
 
 PROG = "power-dra-controller"
 METRICS_PREFIX = "power_dra_controller"
+# Waiting for the API server at start: 0.5 s doubling up to 10 s.
+API_WAIT = BackoffPolicy(initial=0.5, cap=10.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,22 +433,24 @@ async def wait_for_api(client: ApiClient) -> str:
         ApiError: the credentials are rejected (no point in retrying).
         LookupError: the server serves no resource.k8s.io version we know.
     """
-    delay = 0.5
-    while True:
-        try:
-            await client.check_access()
-            return await client.resource_api_version()
-        except Unauthorized:
-            raise
-        except ApiError as exc:
-            if exc.status == 401:
-                raise
-            log.warning(
-                "API server not reachable yet, retrying",
-                extra={"server": client.config.server, "error": str(exc), "retryIn": delay},
-            )
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+    async def ask() -> str:
+        await client.check_access()
+        return await client.resource_api_version()
+
+    def not_yet(exc: BaseException, delay: float) -> None:
+        log.warning(
+            "API server not reachable yet, retrying",
+            extra={"server": client.config.server, "error": str(exc), "retryIn": delay},
+        )
+
+    return await retry(ask, API_WAIT, retryable=_answers_later, on_retry=not_yet)
+
+
+def _answers_later(exc: BaseException) -> bool:
+    # Anything but rejected credentials may be a server still starting (or RBAC
+    # not bound yet).
+    return isinstance(exc, ApiError) and not isinstance(exc, Unauthorized) and exc.status != 401
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
