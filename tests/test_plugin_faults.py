@@ -146,15 +146,7 @@ def test_plugin_serves_the_kubelet_while_the_api_server_is_unreachable(
 
 def logged_retry_delays(plugin: PluginProcess, msg: str) -> list[float]:
     """The `retryIn` of each of the plugin's log lines with this message."""
-    delays = []
-    for line in plugin.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("msg") == msg:
-            delays.append(float(record["retryIn"]))
-    return delays
+    return [float(r["retryIn"]) for r in plugin.log_records() if r.get("msg") == msg]
 
 
 def test_the_first_publish_waits_longer_after_each_refused_connection_then_succeeds(
