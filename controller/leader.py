@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import socket
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import anyio
 
+from controller.kube.backoff import Backoff, BackoffPolicy
 from controller.kube.client import ApiClient
 from controller.kube.errors import AlreadyExists, ApiError, Conflict, NotFound
 from controller.kube.resources import LEASES
@@ -239,6 +239,10 @@ class LeaderElector:
 
     async def _acquire(self) -> None:
         logged = ""
+        # Every retry period, a little later at random (client-go's jitter of 1.2).
+        period = Backoff(
+            BackoffPolicy(self.retry_period, self.retry_period, factor=1.0, jitter=0.2)
+        )
         while True:
             try:
                 if await self.try_acquire_or_renew():
@@ -254,7 +258,7 @@ class LeaderElector:
                     "cannot read or take the leader lease",
                     extra={"lease": f"{self.namespace}/{self.name}", "error": str(exc)},
                 )
-            await anyio.sleep(self.retry_period * (1 + 0.2 * random.random()))
+            await anyio.sleep(period.next_delay())
 
     async def _renew_until_lost(self) -> str:
         """Renew every retry period; return why leadership was lost."""

@@ -28,6 +28,7 @@ import anyio.abc
 from controller.claim_status import ClaimStatusController
 from controller.config import ConfigFileError
 from controller.deviceclasses import DesiredClass, DeviceClassController, load_device_classes
+from controller.kube.backoff import BackoffPolicy, retry
 from controller.kube.client import ApiClient
 from controller.kube.errors import ApiError, NotFound, Unauthorized
 from controller.kube.informer import DEFAULT_STALL_AFTER, Informer
@@ -43,13 +44,22 @@ from controller.operator import (
 from controller.process.flags import add_bool_flag, add_common_flags, add_flag, parse_duration
 from controller.process.http_server import parse_bind_address, serve_http
 from controller.process.logs import setup_logging
-from controller.process.metrics import ReconcileMetrics, Registry
+from controller.process.metrics import (
+    Counter,
+    Gauge,
+    InformerState,
+    LoopState,
+    ReconcileMetrics,
+    new_registry,
+)
 from controller.slice_gc import DEFAULT_ORPHAN_GRACE, SliceGC
 
 log = logging.getLogger("controller")
 
 PROG = "power-dra-controller"
 METRICS_PREFIX = "power_dra_controller"
+# Waiting for the API server at start: 0.5 s doubling up to 10 s.
+API_WAIT = BackoffPolicy(initial=0.5, cap=10.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +307,26 @@ def _on_result(
     return on_result
 
 
+def _loop_states(state: RunState) -> list[LoopState]:
+    """What the running controllers report at a scrape (none while not leading)."""
+    return [
+        LoopState(
+            controller.name,
+            controller.queue.depth,
+            tuple(
+                InformerState(
+                    informer.resource.plural,
+                    quarantined=len(informer.quarantined),
+                    quarantined_total=informer.quarantined_total,
+                    healthy=informer.healthy(),
+                )
+                for informer in controller.informers
+            ),
+        )
+        for controller in list(state.controllers)
+    ]
+
+
 def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
     """An ownerReference to `obj` (no blockOwnerDeletion: that needs rights on the owner)."""
     meta = obj.get("metadata") or {}
@@ -403,22 +433,24 @@ async def wait_for_api(client: ApiClient) -> str:
         ApiError: the credentials are rejected (no point in retrying).
         LookupError: the server serves no resource.k8s.io version we know.
     """
-    delay = 0.5
-    while True:
-        try:
-            await client.check_access()
-            return await client.resource_api_version()
-        except Unauthorized:
-            raise
-        except ApiError as exc:
-            if exc.status == 401:
-                raise
-            log.warning(
-                "API server not reachable yet, retrying",
-                extra={"server": client.config.server, "error": str(exc), "retryIn": delay},
-            )
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+    async def ask() -> str:
+        await client.check_access()
+        return await client.resource_api_version()
+
+    def not_yet(exc: BaseException, delay: float) -> None:
+        log.warning(
+            "API server not reachable yet, retrying",
+            extra={"server": client.config.server, "error": str(exc), "retryIn": delay},
+        )
+
+    return await retry(ask, API_WAIT, retryable=_answers_later, on_retry=not_yet)
+
+
+def _answers_later(exc: BaseException) -> bool:
+    # Anything but rejected credentials may be a server still starting (or RBAC
+    # not bound yet).
+    return isinstance(exc, ApiError) and not isinstance(exc, Unauthorized) and exc.status != 401
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
@@ -432,31 +464,20 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
 async def run(settings: Settings, cluster: ClusterConfig) -> None:
     """Serve health and metrics, connect, and run the controllers (as leader when asked)."""
     args = settings.args
-    registry = Registry()
-    metrics = ReconcileMetrics(registry, METRICS_PREFIX)
-    leader_gauge = registry.gauge(
-        f"{METRICS_PREFIX}_leader", "1 while this process leads (runs the reconcilers), else 0."
-    )
+    registry = new_registry()
     state = RunState(leader_elect=args.leader_elect)
-    status_dropped = registry.counter(
+    metrics = ReconcileMetrics(registry, METRICS_PREFIX, lambda: _loop_states(state))
+    leader_gauge = Gauge(
+        f"{METRICS_PREFIX}_leader",
+        "1 while this process leads (runs the reconcilers), else 0.",
+        registry=registry,
+    )
+    status_dropped = Counter(
         f"{METRICS_PREFIX}_claim_status_dropped_total",
         "Writes of a claim's status.devices that the API server answered without them "
         "(a server that does not keep claim device status; the controller then stops writing).",
+        registry=registry,
     )
-
-    def collect() -> None:
-        for controller in list(state.controllers):
-            metrics.queue_depth.set(controller.queue.depth, controller=controller.name)
-            for informer in controller.informers:
-                metrics.observe_informer(
-                    controller.name,
-                    informer.resource.plural,
-                    quarantined=len(informer.quarantined),
-                    total=informer.quarantined_total,
-                    healthy=informer.healthy(),
-                )
-
-    registry.on_collect(collect)
 
     def leadership(leading: bool) -> None:
         state.leading = leading

@@ -27,7 +27,7 @@ from .grpc_service import DeviceHealth, PluginServers, SocketPaths
 from .node_discovery import device_options, discover_node
 
 if TYPE_CHECKING:
-    from controller.process.metrics import Registry
+    from controller.process.metrics import CollectorRegistry, Metric
 
     from .publisher import SlicePublisher
 
@@ -197,7 +197,7 @@ async def _serve_cluster_side(
     from controller.kube.client import ApiClient
     from controller.kube.kubeconfig import load_cluster_config
     from controller.process.http_server import serve_http
-    from controller.process.metrics import Registry
+    from controller.process.metrics import new_registry
 
     from .publisher import SlicePublisher
     from .self_probe import SelfProbe
@@ -222,7 +222,7 @@ async def _serve_cluster_side(
     view.publisher = publisher
     driver.on_outside_credits_change = publisher.held_credits_changed
     driver.set_client(client, devices_settled=publisher.published)
-    registry = Registry()
+    registry = new_registry()
     _register_metrics(registry, driver, publisher)
     probe = SelfProbe(sockets, interval=args.health_probe_interval)
     try:
@@ -287,33 +287,43 @@ async def _handle_signals(
             return
 
 
-def _register_metrics(registry: Registry, driver: NxDriver, publisher: SlicePublisher) -> None:
-    latency = registry.histogram(
+def _register_metrics(
+    registry: CollectorRegistry, driver: NxDriver, publisher: SlicePublisher
+) -> None:
+    from controller.process.metrics import DEFAULT_BUCKETS, GaugeMetricFamily, Histogram, ScrapeTime
+
+    latency = Histogram(
         "power_dra_plugin_request_seconds",
         "Latency of NodePrepareResources / NodeUnprepareResources",
         ["operation"],
+        registry=registry,
+        buckets=DEFAULT_BUCKETS,
     )
-    driver.on_latency = lambda op, seconds: latency.observe(seconds, operation=op)
-    prepared = registry.gauge("power_dra_plugin_prepared_claims", "Claims prepared on this node")
-    calls = registry.gauge(
-        "power_dra_plugin_claims_total", "Claims handled since start", ["operation"]
-    )
-    credits_total = registry.gauge(
-        "power_dra_plugin_credits_total", "NX-gzip credits published", ["node"]
-    )
-    credits_allocated = registry.gauge(
-        "power_dra_plugin_credits_allocated", "NX-gzip credits of prepared claims", ["node"]
-    )
+    driver.on_latency = lambda op, seconds: latency.labels(operation=op).observe(seconds)
 
-    def collect() -> None:
+    def node_state() -> list[Metric]:
         node = publisher.node_name
-        prepared.set(len(driver.claims))
-        calls.set(driver.stats["prepared"], operation="prepare")
-        calls.set(driver.stats["unprepared"], operation="unprepare")
-        calls.set(driver.stats["prepare_errors"], operation="prepare_error")
+        prepared = GaugeMetricFamily(
+            "power_dra_plugin_prepared_claims", "Claims prepared on this node", len(driver.claims)
+        )
+        calls = GaugeMetricFamily(
+            "power_dra_plugin_claims_total", "Claims handled since start", labels=["operation"]
+        )
+        calls.add_metric(["prepare"], driver.stats["prepared"])
+        calls.add_metric(["unprepare"], driver.stats["unprepared"])
+        calls.add_metric(["prepare_error"], driver.stats["prepare_errors"])
         total = sum(sum(c.value for c in d.capacity.values()) for d in publisher.devices)
-        credits_total.set(total, node=node)
+        credits_total = GaugeMetricFamily(
+            "power_dra_plugin_credits_total", "NX-gzip credits published", labels=["node"]
+        )
+        credits_total.add_metric([node], total)
         used = sum(dev.credits for claim in driver.claims.values() for dev in claim.devices)
-        credits_allocated.set(used, node=node)
+        credits_allocated = GaugeMetricFamily(
+            "power_dra_plugin_credits_allocated",
+            "NX-gzip credits of prepared claims",
+            labels=["node"],
+        )
+        credits_allocated.add_metric([node], used)
+        return [prepared, calls, credits_total, credits_allocated]
 
-    registry.on_collect(collect)
+    registry.register(ScrapeTime(node_state))

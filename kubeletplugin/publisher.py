@@ -17,8 +17,9 @@ from typing import Any
 
 import anyio
 
+from controller.kube.backoff import BackoffPolicy, retry, retryable_api_error
 from controller.kube.client import ApiClient
-from controller.kube.errors import AlreadyExists, ApiError, NotFound
+from controller.kube.errors import AlreadyExists, NotFound
 from controller.kube.informer import Informer
 from controller.kube.resources import NODES, Resource, resource_kinds
 from controller.kube.workqueue import WorkQueue
@@ -35,6 +36,12 @@ from .discovery import Inventory
 log = logging.getLogger(__name__)
 
 POOL_KEY = "pool"
+# Reaching the API server and reading the Node at start: 0.2 s doubling up to 10 s.
+CONNECT_BACKOFF = BackoffPolicy(initial=0.2, cap=10.0)
+
+
+def _node_missing_or_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, NotFound) or retryable_api_error(exc)
 
 
 def _generation(obj: dict[str, Any]) -> int:
@@ -100,41 +107,40 @@ class SlicePublisher:
         self.queue.add(POOL_KEY)
         return True
 
-    async def _node_uid(self) -> str:
-        delay = 0.2
-        while True:
-            try:
-                node = await self.client.get(NODES, self.node_name)
-                return str(node["metadata"]["uid"])
-            except NotFound:
-                self.waiting_for = f"the Node object {self.node_name} (owner of the slices)"
-                log.warning(
-                    "Node object not found yet; slices need it as owner (is --node-name right?)",
-                    extra={"node": self.node_name},
-                )
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
     async def _connect(self) -> None:
         """The served API version and the Node's UID, retried with backoff while the
-        API server is unreachable: the kubelet is served meanwhile, and prepare of
-        claims already in the checkpoint needs no API at all."""
-        delay = 0.2
-        while True:
-            try:
-                self.api_version = await self.client.resource_api_version()
-                self.node_uid = await self._node_uid()
-                return
-            except ApiError as exc:
-                if not exc.retryable:
-                    raise
-                self.waiting_for = f"the API server, unreachable: {exc}"
-                log.warning(
-                    "API server unreachable, retrying",
-                    extra={"node": self.node_name, "error": str(exc), "retryIn": delay},
-                )
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        API server is unreachable (or the Node not created yet): the kubelet is served
+        meanwhile, and prepare of claims already in the checkpoint needs no API at all."""
+        self.api_version = await retry(
+            self.client.resource_api_version, CONNECT_BACKOFF, on_retry=self._unreachable
+        )
+        self.node_uid = await retry(
+            self._node_uid,
+            CONNECT_BACKOFF,
+            retryable=_node_missing_or_unreachable,
+            on_retry=self._node_not_readable,
+        )
+
+    async def _node_uid(self) -> str:
+        node = await self.client.get(NODES, self.node_name)
+        return str(node["metadata"]["uid"])
+
+    def _unreachable(self, exc: BaseException, delay: float) -> None:
+        self.waiting_for = f"the API server, unreachable: {exc}"
+        log.warning(
+            "API server unreachable, retrying",
+            extra={"node": self.node_name, "error": str(exc), "retryIn": delay},
+        )
+
+    def _node_not_readable(self, exc: BaseException, delay: float) -> None:
+        if not isinstance(exc, NotFound):
+            self._unreachable(exc, delay)
+            return
+        self.waiting_for = f"the Node object {self.node_name} (owner of the slices)"
+        log.warning(
+            "Node object not found yet; slices need it as owner (is --node-name right?)",
+            extra={"node": self.node_name, "retryIn": delay},
+        )
 
     def _ours(self) -> dict[str, dict[str, Any]]:
         assert self.informer is not None

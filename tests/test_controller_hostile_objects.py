@@ -28,6 +28,7 @@ from controller.kube.errors import Undecodable
 from controller.kube.kubeconfig import ClusterConfig
 from controller.kube.resources import resource_kinds
 from tests.harness.cluster import ControlPlane, free_port, write_kubeconfig
+from tests.metrics_text import sample_value
 from tests.test_controller_claim_status import DRIVER, NX, OTHER, _entries, _setup, _teardown
 from tests.test_leader import _documented_rbac, restricted_config
 
@@ -182,14 +183,6 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 async def _until(check: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -221,7 +214,9 @@ async def test_a_deep_and_a_huge_claim_elsewhere_do_not_stop_our_claims_status(
             await _until(lambda: http_get(port, "/readyz")[0] == 200, 30, "the controller ready")
 
             def quarantine_total() -> float:
-                total = _metric(http_get(port, "/metrics")[1], f"{QUARANTINED}_total", **CLAIMS)
+                total = sample_value(
+                    http_get(port, "/metrics")[1], f"{QUARANTINED}_total", **CLAIMS
+                )
                 return total or 0.0
 
             # A change to the deep claim and one to the huge claim arrive on the watch
@@ -248,11 +243,11 @@ async def test_a_deep_and_a_huge_claim_elsewhere_do_not_stop_our_claims_status(
             await _until(lambda: quarantine_total() >= 2, 10, "the deep claim quarantined")
             status, body = http_get(port, "/readyz")
             assert status == 200, body
-            assert _metric(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 1.0
+            assert sample_value(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 1.0
             # Deleting it is seen too: nothing left in quarantine.
             cp.kubectl("delete", "resourceclaim", "deep", "-n", hostile)
             await _until(
-                lambda: _metric(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 0.0,
+                lambda: sample_value(http_get(port, "/metrics")[1], QUARANTINED, **CLAIMS) == 0.0,
                 10,
                 "the deleted deep claim out of quarantine",
             )

@@ -19,7 +19,7 @@ from controller.kube.client import ApiClient
 from controller.kube.errors import NotFound, Unavailable
 from controller.kube.resources import NODES, resource_kinds
 from controller.main import RunState, build_parser, load_settings, run_controllers
-from controller.process.metrics import ReconcileMetrics, Registry
+from controller.process.metrics import ReconcileMetrics, new_registry
 from tests.harness.cluster import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ async def test_changes_around_an_apiserver_restart_still_converge(
         return not await exists(slices, f"{node}-nx")
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run_controllers, api, settings, ReconcileMetrics(Registry(), "t"), state)
+        tg.start_soon(run_controllers, api, settings, ReconcileMetrics(new_registry(), "t"), state)
         await _eventually(lambda: _true(state.synced), 10)
         await _eventually(class_back, 10)
         # Changes right before the restart: their events may or may not reach the watch.

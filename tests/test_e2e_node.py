@@ -30,6 +30,7 @@ from tests.harness.node import (
     wait_for,
 )
 from tests.harness.plugin import DRIVER
+from tests.metrics_text import sample
 
 pytestmark = [pytest.mark.cluster]
 
@@ -257,14 +258,6 @@ def prepare_errors(node: RealNode, *pods: str) -> list[str]:
     return found
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
-    assert match, f"no metric {name}{{{want}}} in:\n{text}"
-    return float(match.group(1))
-
-
 # --- registration ------------------------------------------------------------------------------
 
 
@@ -321,8 +314,8 @@ def test_three_pods_share_the_credits_and_a_fourth_stays_pending(node: RealNode)
         assert result["consumedCapacity"] == {"credits": "1"}
     assert node.plugin is not None
     text = node.plugin.metrics()
-    assert metric(text, "power_dra_plugin_credits_allocated", node="node-0") == 3
-    assert metric(text, "power_dra_plugin_credits_total", node="node-0") == 3
+    assert sample(text, "power_dra_plugin_credits_allocated", node="node-0") == 3
+    assert sample(text, "power_dra_plugin_credits_total", node="node-0") == 3
 
     create_pods(node, "share-4")
 

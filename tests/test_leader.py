@@ -34,6 +34,7 @@ from controller.leader import (
     should_acquire,
 )
 from tests.harness.cluster import ControlPlane
+from tests.metrics_text import sample
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -353,10 +354,7 @@ class ControllerProcess:
     def metric(self, name: str) -> float:
         port = self.wait_logged("serving /healthz, /readyz and /metrics", 10)["port"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        raise AssertionError(f"metric {name} not served")
+            return sample(resp.read().decode(), name)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from tests.harness.node import (
 )
 from tests.harness.plugin import DRIVER
 from tests.ibm_driver_standin import IbmDriverStandin
+from tests.metrics_text import sample
 
 pytestmark = [pytest.mark.cluster]
 
@@ -226,12 +226,6 @@ def kill_sandbox(pod_uid: str) -> int:
     return killed
 
 
-def metric(text: str, name: str) -> float:
-    match = re.search(rf'^{re.escape(name)}{{node="{NODE}"}} (\S+)$', text, re.MULTILINE)
-    assert match, f"no metric {name} in:\n{text}"
-    return float(match.group(1))
-
-
 async def _ineffective_config_events(cp: ControlPlane, claims: set[str]) -> list[dict[str, Any]]:
     """Run the controller's claim-status reconciler until it reported `claims`."""
     config = await load_cluster_config(cp.kubeconfig)
@@ -286,7 +280,7 @@ def test_our_plugin_takes_over_ibm_pods_and_leaves_nothing_of_ibm(
     assert uid in node.checkpoint_claims()  # our format now
     assert ibm_files(node) == sorted([IBM_COMMON_SPEC_FILE, ibm_claim_spec_file(uid)])
     assert ready(node, "ibm-pod") and container_id(node, "ibm-pod") == container
-    assert metric(plugin.metrics(), "power_dra_plugin_credits_allocated") == 1
+    assert sample(plugin.metrics(), "power_dra_plugin_credits_allocated", node=NODE) == 1
 
     # A claim template written for IBM's driver keeps working on our device.
     create_pod(node, "new-pod")
@@ -344,7 +338,7 @@ def test_our_plugin_takes_over_ibm_pods_and_leaves_nothing_of_ibm(
     out = exec_in(node, "ibm-pod", "ls -l /dev/crypto/nx-gzip; env")
     assert "crw" in out and "NX_DEVICE_CLAIM=added" in out, out
     assert node.plugin is not None
-    assert metric(node.plugin.metrics(), "power_dra_plugin_credits_allocated") == 2
+    assert sample(node.plugin.metrics(), "power_dra_plugin_credits_allocated", node=NODE) == 2
     assert node.checkpoint_claims()[uid]["devices"][0]["cdiDeviceIds"] == list(
         ibm_cdi_device_ids(uid)
     )

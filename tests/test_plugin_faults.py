@@ -9,6 +9,7 @@ grpcio; claims are real ones the scheduler allocated.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -138,6 +139,31 @@ def test_plugin_serves_the_kubelet_while_the_api_server_is_unreachable(
     assert "ResourceSlice not published: waiting for the API server, unreachable" in body
     assert proxied.plugin.process is not None and proxied.plugin.process.alive()
     # The server comes back: the plugin publishes without a restart.
+    proxied.proxy.accept()
+    proxied.plugin.wait_for_slices(TIMEOUT)
+    wait_until(lambda: proxied.readyz()[0] == 200, "/readyz 200")
+
+
+def logged_retry_delays(plugin: PluginProcess, msg: str) -> list[float]:
+    """The `retryIn` of each of the plugin's log lines with this message."""
+    return [float(r["retryIn"]) for r in plugin.log_records() if r.get("msg") == msg]
+
+
+def test_the_first_publish_waits_longer_after_each_refused_connection_then_succeeds(
+    proxied: ProxiedNode,
+) -> None:
+    proxied.proxy.refuse()  # the API server is not up yet when the plugin starts
+    plugin = proxied.plugin.start()
+
+    def four_retries() -> list[float] | None:
+        delays = logged_retry_delays(plugin, "API server unreachable, retrying")
+        return delays if len(delays) >= 4 else None
+
+    delays = wait_until(four_retries, "four retries of the first connection")
+    # Backoff, not a spin: each wait is longer than the one before (the jitter is
+    # smaller than the doubling).
+    assert all(later > earlier for earlier, later in itertools.pairwise(delays[:5])), delays
+    assert proxied.plugin.process is not None and proxied.plugin.process.alive()
     proxied.proxy.accept()
     proxied.plugin.wait_for_slices(TIMEOUT)
     wait_until(lambda: proxied.readyz()[0] == 200, "/readyz 200")

@@ -195,15 +195,7 @@ def _identity(obj: dict[str, Any]) -> tuple[str, int, str]:
 
 def _log_messages(plugin: PluginProcess) -> list[str]:
     """The `msg` of each of the plugin's JSON log lines."""
-    messages = []
-    for line in plugin.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            messages.append(str(record.get("msg")))
-    return messages
+    return [str(record.get("msg")) for record in plugin.log_records()]
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from controller.kube.workqueue import WorkQueue, backoff_delay
+from controller.kube.workqueue import WorkQueue
 
 pytestmark = pytest.mark.anyio
 
@@ -48,10 +48,10 @@ async def test_retry_backs_off_and_forget_resets() -> None:
     assert q.failures("a") == 0
 
 
-def test_backoff_grows_exponentially_and_is_capped() -> None:
-    assert 0.005 <= backoff_delay(1) <= 0.0056
-    assert 0.04 <= backoff_delay(4) <= 0.045
-    assert 60 <= backoff_delay(40) <= 66
+def test_a_key_waits_from_five_milliseconds_doubling_to_a_minute_by_default() -> None:
+    policy = WorkQueue().backoff
+    assert [policy.delay(n, 0.0) for n in (1, 4, 40)] == [0.005, 0.04, 60.0]
+    assert policy.delay(1, 0.999) <= 0.0056  # at most 10% jitter
 
 
 async def test_workers_retry_failures_until_success() -> None:

@@ -21,7 +21,6 @@ tell the truth about a wedged stream.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,12 +28,16 @@ from typing import Any
 
 import anyio
 
+from controller.kube.backoff import Backoff, BackoffPolicy
 from controller.kube.client import WATCH_READ_GRACE, ApiClient
 from controller.kube.errors import ApiError, Gone
 from controller.kube.resources import Resource, object_key
 
 # How long list/watch may keep failing before the informer says it is not healthy.
 DEFAULT_STALL_AFTER = 30.0
+# A failure this long after the previous one waits the shortest delay again: the
+# watch in between was healthy.
+BACKOFF_RESET_AFTER = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ class Change:
     key: str
     old: Obj | None
     new: Obj | None
+
+
+def watch_backoff(max_backoff: float) -> BackoffPolicy:
+    """Delays between failed list/watch attempts: 0.4 s doubling up to `max_backoff`,
+    each stretched by up to half of itself at random."""
+    return BackoffPolicy(initial=min(0.4, max_backoff), cap=max_backoff, jitter=0.5)
 
 
 def _rv(obj: Obj | None) -> str | None:
@@ -148,12 +157,12 @@ class Informer:
 
         A healthy loop moves at least once per watch: the server ends a quiet
         watch after its timeout, a dead connection is dropped a grace later,
-        a failure is retried after at most 1.5 x max_backoff.
+        a failure is retried after at most the backoff's longest delay.
         """
         timeout = (
             self.watch_timeout if self.watch_timeout is not None else self.client.watch_timeout
         )
-        limit = timeout + WATCH_READ_GRACE + 1.5 * self.max_backoff + 30.0
+        limit = timeout + WATCH_READ_GRACE + watch_backoff(self.max_backoff).longest + 30.0
         idle = time.monotonic() - self.last_progress
         if idle > limit:
             return f"informer {self.resource.plural}: no progress for {idle:.0f} s"
@@ -287,7 +296,7 @@ class Informer:
 
     async def run(self) -> None:
         """Run until cancelled: list, watch, re-list on 410, back off on errors."""
-        failures = 0
+        backoff = Backoff(watch_backoff(self.max_backoff), reset_after=BACKOFF_RESET_AFTER)
         need_list = True
         while True:
             self.last_progress = time.monotonic()
@@ -299,18 +308,17 @@ class Informer:
                 self._open_quiet = False
                 await self._watch_once()
                 self._working()
-                failures = 0  # the server closed a healthy watch: resume from our RV
+                backoff.reset()  # the server closed a healthy watch: resume from our RV
             except Gone:
                 log.info("watch expired, re-listing", extra={"resource": self.resource.plural})
                 need_list = True
-                failures = 0
+                backoff.reset()
             except ApiError as exc:
-                failures += 1
                 self._failed_after_open = self._open_quiet
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 self.last_error = str(exc)
-                delay = min(self.max_backoff, 0.2 * 2 ** min(failures, 8)) * (0.5 + random.random())
+                delay = backoff.next_delay()
                 log.warning(
                     "watch failed, reconnecting",
                     extra={"resource": self.resource.plural, "error": str(exc), "retryIn": delay},

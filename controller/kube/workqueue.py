@@ -17,13 +17,9 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 
+from controller.kube.backoff import BackoffPolicy
+
 log = logging.getLogger(__name__)
-
-
-def backoff_delay(failures: int, base: float = 0.005, cap: float = 60.0) -> float:
-    """Exponential backoff for the n-th consecutive failure (1-based), with jitter up to 10%."""
-    delay: float = min(cap, base * 2.0 ** max(0, failures - 1))
-    return delay * (1 + random.random() * 0.1)
 
 
 class WorkQueue:
@@ -38,8 +34,8 @@ class WorkQueue:
     ):
         self.name = name
         self._clock = clock  # seconds, monotonic: delays and how long a reconcile runs
-        self._base = base_delay
-        self._max = max_delay
+        # Per key: base_delay doubling up to max_delay, each up to 10% longer at random.
+        self.backoff = BackoffPolicy(initial=base_delay, cap=max_delay, jitter=0.1)
         self._queue: deque[str] = deque()
         self._dirty: set[str] = set()
         self._processing: set[str] = set()
@@ -90,7 +86,7 @@ class WorkQueue:
         """Queue `key` again after its backoff; returns the delay chosen."""
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures
-        delay = backoff_delay(failures, self._base, self._max)
+        delay = self.backoff.delay(failures, random.random())
         self.add_after(key, delay)
         return delay
 

@@ -13,7 +13,8 @@ port), `[::1]:8080`; `0` or empty disables the server.
 
 A deliberately small HTTP/1.1 server on anyio streams: one GET (or HEAD) per
 connection, answered with `Connection: close`. Probes and Prometheus scrapes
-need nothing more, and it costs no dependency.
+need nothing more. The /metrics body and its content type are
+prometheus-client's (text format 0.0.4), from the process's own registry.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from controller.process.metrics import CONTENT_TYPE, Registry
+from controller.process.metrics import CollectorRegistry, exposition
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _why(reason: Reason | None, default: str) -> bytes:
 def route(
     method: str,
     target: str,
-    registry: Registry,
+    registry: CollectorRegistry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
     *,
@@ -102,7 +103,8 @@ def route(
             return 200, b"ok\n", text
         return 503, _why(not_ready_reason, "not ready"), text
     if path == "/metrics":
-        return 200, registry.render().encode(), CONTENT_TYPE
+        body, content_type = exposition(registry)
+        return 200, body, content_type
     return 404, b"not found: try /healthz, /readyz or /metrics\n", text
 
 
@@ -121,7 +123,7 @@ async def _read_head(stream: anyio.abc.ByteStream) -> bytes:
 
 async def _handle(
     stream: anyio.abc.SocketStream,
-    registry: Registry,
+    registry: CollectorRegistry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
     reasons: dict[str, Reason | None],
@@ -147,7 +149,7 @@ async def _handle(
 
 async def serve_http(
     bind: str,
-    registry: Registry,
+    registry: CollectorRegistry,
     ready: Callable[[], bool],
     healthy: Callable[[], bool],
     *,

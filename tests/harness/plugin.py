@@ -148,3 +148,15 @@ class PluginProcess:
 
     def log(self) -> str:
         return self.process.tail(400) if self.process else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The plugin's JSON log lines (of the last 400), parsed; other lines skipped."""
+        records = []
+        for line in self.log().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
