@@ -1,19 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
 """NxDriver on real files, without an API server: start-up repair of the
-state directory, and the prepare/unprepare paths that need no API call
-(claims already in the checkpoint, claim references refused up front)."""
+state directory, the prepare/unprepare paths that need no API call
+(claims already in the checkpoint, claim references refused up front), a
+batch read from a stand-in API, and the thread the state runs in."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+import anyio
 import pytest
 
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
-from kubeletplugin.checkpoint import read_boot_id, read_state, save_checkpoint
+from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
-from kubeletplugin.driver import DriverPaths, NxDriver
+from kubeletplugin.driver import DriverPaths, NxDriver, StateThread
+
+if TYPE_CHECKING:
+    from controller.kube.client import ApiClient
 
 DRIVER = "nx.device.power.ibm.com"
 NODE = "node-a"
@@ -117,7 +125,7 @@ async def test_prepare_of_a_checkpointed_claim_answers_from_the_checkpoint(
     driver = with_prepared(paths, prepared(UID))
     results = await driver.prepare_claims([ClaimRef("ns", UID, "claim")])
     assert results[UID].error == ""
-    assert [d.cdi_device_ids for d in results[UID].devices] == [[cdi_device_id(UID, "nx-gzip")]]
+    assert [d.cdi_device_ids for d in results[UID].devices] == [(cdi_device_id(UID, "nx-gzip"),)]
 
 
 @pytest.mark.anyio
@@ -183,3 +191,88 @@ async def test_unprepare_refuses_an_unsafe_uid_and_touches_nothing(paths: Driver
     assert "is not a safe token" in errors["../plugin/checkpoint"]
     assert sorted(p.name for p in paths.cdi_root.iterdir()) == before
     assert checkpoint_uids(paths) == {UID}
+
+
+# --- with claims to read from the API -------------------------------------------------------
+
+
+class FakeApi:
+    """The two calls the driver makes on the API client, answering allocated claims."""
+
+    def __init__(self) -> None:
+        self.gets: list[str] = []
+
+    async def resource_api_version(self) -> str:
+        return "v1"
+
+    async def get(self, res: object, name: str, namespace: str | None = None) -> dict[str, Any]:
+        self.gets.append(name)
+        return {
+            "metadata": {"name": name, "namespace": namespace, "uid": f"{name}-uid"},
+            "status": {
+                "allocation": {
+                    "devices": {
+                        "results": [
+                            {"request": "nx", "driver": DRIVER, "pool": NODE, "device": "nx-gzip"}
+                        ]
+                    }
+                }
+            },
+        }
+
+
+def journal_lines(paths: DriverPaths) -> int:
+    return journal_path(paths.checkpoint).read_bytes().count(b"\n")
+
+
+@pytest.mark.anyio
+async def test_a_batch_of_new_claims_is_read_once_each_and_written_once(
+    paths: DriverPaths,
+) -> None:
+    driver = with_prepared(paths, prepared(UID))  # a journal to count lines in
+    api = FakeApi()
+    driver.set_client(cast("ApiClient", api))
+    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])
+    before = journal_lines(paths)
+    refs = [ClaimRef("ns", f"c{i}-uid", f"c{i}") for i in range(3)]
+    results = await driver.prepare_claims(refs)
+    assert {uid: r.error for uid, r in results.items()} == {r.uid: "" for r in refs}
+    assert sorted(api.gets) == ["c0", "c1", "c2"]
+    assert journal_lines(paths) == before + 1
+    assert checkpoint_uids(paths) == {r.uid for r in refs}
+    assert all(spec_path(paths, r.uid).exists() for r in refs)
+    # Prepared now: answered from the state, without reading the API again.
+    again = await driver.prepare_claims(refs[:1])
+    assert again[refs[0].uid] == results[refs[0].uid]
+    assert len(api.gets) == 3
+
+
+# --- the state thread ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_state_calls_run_in_order_and_a_cancelled_callers_call_completes() -> None:
+    thread = StateThread()
+    done: list[str] = []
+    started = threading.Event()
+
+    def slow(name: str) -> str:
+        started.set()
+        time.sleep(0.2)
+        done.append(name)
+        return name
+
+    with anyio.move_on_after(0.05):
+        await thread.run(slow, "cancelled")
+    assert started.is_set()
+    assert await thread.run(slow, "next") == "next"
+    assert done == ["cancelled", "next"]
+
+
+@pytest.mark.anyio
+async def test_a_state_call_that_fails_raises_in_its_caller() -> None:
+    def boom() -> None:
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        await StateThread().run(boom)
