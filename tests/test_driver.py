@@ -1,27 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
 """NxDriver on real files, without an API server: start-up repair of the
 state directory, the prepare/unprepare paths that need no API call
-(claims already in the checkpoint, claim references refused up front), a
-batch read from a stand-in API, and the thread the state runs in."""
+(claims already in the checkpoint, claim references refused up front), the
+thread the state runs in; and one batch read from the real API server."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import pytest
 
+from controller.kube.client import ApiClient
+from controller.kube.resources import resource_kinds
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
 from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
 from kubeletplugin.driver import DriverPaths, NxDriver, StateThread
-
-if TYPE_CHECKING:
-    from controller.kube.client import ApiClient
+from tests.dra_objects import claim as dra_claim
+from tests.dra_objects import claim_spec as dra_claim_spec
+from tests.harness.cluster import ControlPlane
 
 DRIVER = "nx.device.power.ibm.com"
 NODE = "node-a"
@@ -193,58 +193,44 @@ async def test_unprepare_refuses_an_unsafe_uid_and_touches_nothing(paths: Driver
     assert checkpoint_uids(paths) == {UID}
 
 
-# --- with claims to read from the API -------------------------------------------------------
-
-
-class FakeApi:
-    """The two calls the driver makes on the API client, answering allocated claims."""
-
-    def __init__(self) -> None:
-        self.gets: list[str] = []
-
-    async def resource_api_version(self) -> str:
-        return "v1"
-
-    async def get(self, res: object, name: str, namespace: str | None = None) -> dict[str, Any]:
-        self.gets.append(name)
-        return {
-            "metadata": {"name": name, "namespace": namespace, "uid": f"{name}-uid"},
-            "status": {
-                "allocation": {
-                    "devices": {
-                        "results": [
-                            {"request": "nx", "driver": DRIVER, "pool": NODE, "device": "nx-gzip"}
-                        ]
-                    }
-                }
-            },
-        }
+# --- with claims read from the API server ---------------------------------------------------
 
 
 def journal_lines(paths: DriverPaths) -> int:
     return journal_path(paths.checkpoint).read_bytes().count(b"\n")
 
 
+async def allocated_claim(api: ApiClient, ns: str, name: str) -> ClaimRef:
+    """A claim with an allocation on our node's `nx-gzip`, as the scheduler leaves it."""
+    res = resource_kinds("v1")["ResourceClaim"]
+    created = await api.create(res, dra_claim(ns, name, dra_claim_spec({"nx": DRIVER})))
+    created["status"] = {
+        "allocation": {
+            "devices": {
+                "results": [{"request": "nx", "driver": DRIVER, "pool": NODE, "device": "nx-gzip"}]
+            }
+        }
+    }
+    await api.replace(res, created, subresource="status")
+    return ClaimRef(ns, created["metadata"]["uid"], name)
+
+
+@pytest.mark.cluster
 @pytest.mark.anyio
-async def test_a_batch_of_new_claims_is_read_once_each_and_written_once(
-    paths: DriverPaths,
+async def test_a_batch_of_new_claims_is_written_in_one_state_record(
+    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
 ) -> None:
-    driver = with_prepared(paths, prepared(UID))  # a journal to count lines in
-    api = FakeApi()
-    driver.set_client(cast("ApiClient", api))
-    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])
+    control_plane.create_namespace(unique_name)
+    refs = [await allocated_claim(api, unique_name, f"c{i}") for i in range(3)]
+    driver = with_prepared(paths, prepared(UID))
+    driver.set_client(api)
+    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])  # a journal to count lines in
     before = journal_lines(paths)
-    refs = [ClaimRef("ns", f"c{i}-uid", f"c{i}") for i in range(3)]
     results = await driver.prepare_claims(refs)
     assert {uid: r.error for uid, r in results.items()} == {r.uid: "" for r in refs}
-    assert sorted(api.gets) == ["c0", "c1", "c2"]
     assert journal_lines(paths) == before + 1
     assert checkpoint_uids(paths) == {r.uid for r in refs}
     assert all(spec_path(paths, r.uid).exists() for r in refs)
-    # Prepared now: answered from the state, without reading the API again.
-    again = await driver.prepare_claims(refs[:1])
-    assert again[refs[0].uid] == results[refs[0].uid]
-    assert len(api.gets) == 3
 
 
 # --- the state thread ----------------------------------------------------------------------
@@ -254,19 +240,25 @@ async def test_a_batch_of_new_claims_is_read_once_each_and_written_once(
 async def test_state_calls_run_in_order_and_a_cancelled_callers_call_completes() -> None:
     thread = StateThread()
     done: list[str] = []
-    started = threading.Event()
+    started, go_on = threading.Event(), threading.Event()
 
-    def slow(name: str) -> str:
+    def first() -> None:
         started.set()
-        time.sleep(0.2)
-        done.append(name)
-        return name
+        go_on.wait()
+        done.append("first")
 
-    with anyio.move_on_after(0.05):
-        await thread.run(slow, "cancelled")
-    assert started.is_set()
-    assert await thread.run(slow, "next") == "next"
-    assert done == ["cancelled", "next"]
+    def second() -> str:
+        done.append("second")
+        return "second"
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(thread.run, first)
+            await anyio.to_thread.run_sync(started.wait)
+            scope.cancel()  # the caller gives up while its call runs
+    go_on.set()
+    assert await thread.run(second) == "second"
+    assert done == ["first", "second"]
 
 
 @pytest.mark.anyio
