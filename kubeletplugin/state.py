@@ -199,8 +199,8 @@ class PluginState:
         try:
             return self._prepare_locked(decided)
         finally:
-            self._lock.release()
             self._recount_outside_credits()
+            self._lock.release()
 
     def _prepare_locked(self, decided: Mapping[str, PreparedClaim]) -> dict[str, PrepareResult]:
         self._refresh_from_disk()
@@ -263,8 +263,8 @@ class PluginState:
         try:
             self._unprepare_locked(valid, results)
         finally:
-            self._lock.release()
             self._recount_outside_credits()
+            self._lock.release()
         return results
 
     def _unprepare_locked(self, uids: list[str], results: dict[str, str]) -> None:
