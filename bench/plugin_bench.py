@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -57,6 +58,16 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time all threads of the process have used so far, in nanoseconds (schedstat:
+    exact, where /proc/<pid>/stat counts clock ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total
 
 
 def state_kib(plugin: PluginProcess) -> float:
@@ -382,6 +393,8 @@ def table_rows(result: dict[str, Any], held_levels: list[int], bs: int, soak: in
         (f"RSS growth over {soak} cycles", "rss_growth_mib", 5.0, "MiB", None),
         ("plugin CPU for the run", "cpu_s_for_the_run", None, "s", None),
         ("plugin CPU per call", "cpu_ms_per_call", None, "ms", "cpu"),
+        ("plugin CPU per prepare of 1 claim p50", "cpu_ms_per_prepare_1", None, "ms", "cpu"),
+        ("plugin CPU per unprepare of 1 claim p50", "cpu_ms_per_unprepare_1", None, "ms", "cpu"),
     ]
 
 
@@ -449,10 +462,14 @@ def main() -> None:
         for c in singles[:10]:  # warm-up
             client.prepare([c])
             client.unprepare([c])
-        prep, unprep = [], []
+        prep, unprep, prep_cpu, unprep_cpu = [], [], [], []
         for c in singles:
+            before = cpu_ns(pid)
             prep.append(client.prepare([c]))
+            between = cpu_ns(pid)
             unprep.append(client.unprepare([c]))
+            prep_cpu.append(between - before)
+            unprep_cpu.append(cpu_ns(pid) - between)
             floor_sampler.sample()
         batch = []
         for i in range(args.batches):
@@ -521,6 +538,8 @@ def main() -> None:
         "cpu_s_for_the_run": cpu_run,
         "cpu_ms_per_cycle": cpu_run * 1000 / (args.cycles + args.batches),
         "cpu_ms_per_call": cpu_run * 1000 / (args.cycles + args.batches) / 2,
+        "cpu_ms_per_prepare_1": statistics.median(prep_cpu) / 1e6,
+        "cpu_ms_per_unprepare_1": statistics.median(unprep_cpu) / 1e6,
         **{f"held_{n}_{k}": v for n, figures in held.items() for k, v in figures.items()},
         **floor,
         **start_floor,

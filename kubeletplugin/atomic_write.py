@@ -8,8 +8,8 @@ Used for CDI specs and the plugin's state file. Every call blocks on fsync
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -26,7 +26,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *, durable: b
     loss anyway.
     """
     directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = _create_temporary(path)
     try:
         try:
             # mkstemp creates 0600; set the mode explicitly, whatever the umask.
@@ -46,6 +46,22 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *, durable: b
         raise
     if durable:
         fsync_directory(directory)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file `.<name>.<random>.tmp` next to `path`, opened for writing (mode 0600).
+
+    What `tempfile.mkstemp` does, for half its cost (CDI specs are written on
+    every prepare).
+    """
+    for _ in range(100):
+        name = f"{path.parent}/.{path.name}.{os.urandom(6).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def remove_durably(path: Path, *, durable: bool = True) -> bool:

@@ -385,6 +385,10 @@ class StateFile:
 
         One append and fdatasync of the journal; a new snapshot instead when
         there is no journal yet or it has outgrown the snapshot.
+
+        Raises:
+            OSError: the change is not durable; the journal is cut back to the
+                records before it.
         """
         limit = max(self.min_compact_bytes, 2 * self._snapshot_bytes)
         if self._gen is None or self._journal_bytes > limit:
@@ -398,9 +402,25 @@ class StateFile:
                 view = view[os.write(fd, view) :]
             os.fdatasync(fd)
             st = os.fstat(fd)
+        except BaseException:
+            self._cut_back(fd)
+            raise
         finally:
             os.close(fd)
         self._journal_bytes = st.st_size
+        self._signature = (self._signature[0] if self._signature else None, _sig(st))
+
+    def _cut_back(self, fd: int) -> None:
+        """After a failed append: the journal back to its last good record (the change
+        was not made, whatever part of it reached the file)."""
+        try:
+            os.ftruncate(fd, self._journal_bytes)
+            st = os.fstat(fd)
+        except OSError:
+            # Appending after a partial line would make it a damaged record followed
+            # by good ones: the next change compacts instead.
+            self._gen = None
+            return
         self._signature = (self._signature[0] if self._signature else None, _sig(st))
 
     def save(self, claims: Mapping[str, PreparedClaim]) -> None:

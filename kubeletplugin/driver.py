@@ -1,54 +1,36 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The DRA backend: prepare and unprepare claims for the kubelet.
+"""The DRA backend: the async glue between the kubelet's calls and the plugin's state.
 
-Per request: claims are fetched concurrently (bounded), decided by the pure
-functions of `claims`, then all CDI specs and ONE checkpoint write happen in a
-worker thread under the state lock. A claim's problem stays in that claim's
-answer. Transient API failures are retried inside the call (a failed prepare
-costs the pod a 60-90 s kubelet retry); permanent ones are answered at once.
+Per request: the claims not prepared yet are read from the API concurrently
+(bounded) and decided by the pure functions of `claims`, each within the
+call's deadline; then ONE call of the state machine (`state.PluginState`)
+in the state thread writes the specs and the state file under the state
+lock. A claim's problem stays in that claim's answer. Transient API failures
+are retried inside the call (a failed prepare costs the pod a 60-90 s kubelet
+retry); permanent ones are answered at once.
 
-Crash safety: prepare writes specs before the checkpoint, unprepare removes
-the checkpoint entry before the spec; `reconcile_on_start` repairs whatever a
-crash between the two left behind (a spec without entry is removed, an entry
-without spec gets its spec back).
-
-Claims adopted from IBM's Go driver (see `ibm_state`) keep IBM's CDI spec
-files instead of ours, under the same rules; their credits are reported to
-the publisher, which keeps them out of the slice.
+The state thread is one thread, so state calls run in the order they were
+made (an unprepare never overtakes the prepare before it). A call whose
+caller gave up (cancelled, deadline) still completes there: the state stays
+what the files say.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
 from controller.kube.errors import ApiError, NotFound
-from controller.kube.resources import resource_kinds
-from controller.nx.names import DEVICE_PATH
+from controller.kube.resources import Resource, resource_kinds
 
-from .cdi import (
-    SPEC_FILE_PREFIX,
-    claim_spec,
-    list_claim_specs,
-    remove_claim_spec,
-    spec_file_name,
-    write_claim_spec,
-)
-from .checkpoint import (
-    CHECKPOINT_FILE_NAME,
-    LOCK_FILE_NAME,
-    StateFile,
-    StateLock,
-    read_boot_id,
-)
 from .claims import (
     ClaimError,
     ClaimRef,
@@ -57,24 +39,19 @@ from .claims import (
     check_claim,
     clip,
     validate_claim_ref,
-    validate_claim_uid,
 )
-from .grpc_service import ClaimPrepareResult, DeviceHealth, PreparedDeviceInfo
-from .ibm_state import (
-    IBM_DEVICE_NAME,
-    credits_outside_our_slice,
-    ibm_specs_present,
-    reconcile_ibm_specs,
-    remove_ibm_specs,
-    uses_ibm_specs,
-    write_ibm_specs,
-)
+from .grpc_service import DeviceHealth
+from .ibm_state import IBM_DEVICE_NAME
+from .state import DriverPaths, PluginState, PrepareResult
 
 if TYPE_CHECKING:  # importing the HTTP stack is deferred until the sockets are up
     from controller.kube.client import ApiClient
 
+__all__ = ["DriverPaths", "NxDriver", "PrepareResult"]
+
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 # The kubelet gives a DRA call 45 s; answer before it gives up. A call's own
@@ -85,22 +62,49 @@ PREPARE_DEADLINE = 40.0
 COMMIT_RESERVE = 0.5
 
 
-@dataclass(frozen=True)
-class DriverPaths:
-    """Where the backend keeps its files."""
+class StateThread:
+    """One thread that runs blocking calls in the order they were submitted.
 
-    plugin_dir: Path  # <kubelet plugins dir>/<driver>
-    cdi_root: Path
-    device_path: str = DEVICE_PATH  # inside the container
-    host_device_path: str | None = None  # on the host, when it differs
+    Lighter than an executor (a future, a queue entry and one wake-up of the
+    event loop per call): the state's calls are serialized by its lock
+    anyway, and in submission order here. Started at the first call.
+    """
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.plugin_dir / CHECKPOINT_FILE_NAME
+    def __init__(self, name: str = "plugin-state") -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-    @property
-    def lock(self) -> Path:
-        return self.plugin_dir / LOCK_FILE_NAME
+    async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`func(*args, **kwargs)` in the thread. Cancelling the caller does not stop
+        it: the result is then dropped."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((loop, future, func, args, kwargs))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            loop, future, func, args, kwargs = self._queue.get()
+            try:
+                result, error = func(*args, **kwargs), None
+            except Exception as exc:  # handed to the caller
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            del loop, future, func, args, kwargs, result, error
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 class NxDriver:
@@ -118,6 +122,7 @@ class NxDriver:
         concurrency: int = 32,
     ) -> None:
         self._client = client
+        self._claim_resource: Resource | None = None
         self._devices_settled: anyio.Event | None = None
         self._client_ready = anyio.Event()
         if client is not None:
@@ -128,22 +133,23 @@ class NxDriver:
         self._device_names = device_names
         self._health = health
         self._limit = anyio.Semaphore(concurrency)
-        self._lock = StateLock(paths.lock)
-        self.claims: dict[str, PreparedClaim] = {}
-        self.boot_id = read_boot_id()
-        self._state = StateFile(paths.checkpoint, self.boot_id)
-        # One thread of its own for the state writes (they are serialized by the
-        # lock anyway): handing work to an idle dedicated thread costs half what
-        # anyio's worker pool does, and a tenth at p90.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="state-writer")
+        self._state = PluginState(paths)
+        self._thread = StateThread()
         self._health_event = anyio.Event()
         self.stats = {"prepared": 0, "unprepared": 0, "prepare_errors": 0}
         self.on_latency: Callable[[str, float], None] | None = None
         # Called (on the event loop) when `credits_outside_our_slice` changed.
         self.on_outside_credits_change: Callable[[], None] | None = None
         self._outside_credits = 0
-        # Set when a changed claim holds credits of IBM's device (no scan of all claims otherwise).
-        self._outside_may_change = False
+
+    @property
+    def boot_id(self) -> str:
+        return self._state.boot_id
+
+    @property
+    def claims(self) -> dict[str, PreparedClaim]:
+        """The prepared claims by UID (a copy: the state thread changes them)."""
+        return dict(self._state.claims)
 
     # --- start-up ----------------------------------------------------------------
 
@@ -155,109 +161,36 @@ class NxDriver:
         claim's device cannot be checked against the inventory.
         """
         self._client = client
+        self._claim_resource = None
         self._devices_settled = devices_settled
         self._client_ready.set()
 
     def load_state(self) -> list[str]:
         """Read the checkpoint and make specs and state agree. Blocking; returns problems."""
-        self.paths.plugin_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            loaded, compact = self._state.load(self.paths.cdi_root)
-            self.claims = dict(loaded.claims)
-            problems = list(loaded.problems)
-            problems += self._reconcile_files()
-            self._remove_partial_writes()
-            if problems or compact:
-                self._state.save(self.claims)
-        self._outside_credits = self.credits_outside_our_slice()
+        problems = self._state.load()
+        self._outside_credits = self._state.outside_credits
         return problems
 
     def close_state(self) -> None:
         """Compact the state into the previous release's format (at a clean stop). Blocking."""
-        with self._lock:
-            self._refresh_from_disk()
-            self._state.close(self.claims)
-
-    def _reconcile_files(self) -> list[str]:
-        notes: list[str] = []
-        on_disk = list_claim_specs(self.paths.cdi_root)
-        for uid in sorted(set(on_disk) - set(self.claims)):
-            remove_claim_spec(self.paths.cdi_root, uid)
-            notes.append(f"removed CDI spec of claim {uid}: not in the checkpoint (never answered)")
-        for uid, prepared in self.claims.items():
-            if uid not in on_disk and not uses_ibm_specs(prepared):
-                write_claim_spec(self.paths.cdi_root, self._spec(prepared), uid)
-                notes.append(f"re-created CDI spec of prepared claim {prepared.ref}")
-        notes += reconcile_ibm_specs(
-            self.paths.cdi_root, self.claims, self.paths.device_path, self.paths.host_device_path
-        )
-        for note in notes:
-            log.warning("%s", note)
-        return notes
-
-    def _remove_partial_writes(self) -> None:
-        # A kill during an atomic write leaves its temporary file (`.<name>.<random>.tmp`)
-        # behind; nobody else writes ours while we hold the state lock.
-        partial = [
-            *self.paths.cdi_root.glob(f".{SPEC_FILE_PREFIX}*.tmp"),
-            *self.paths.plugin_dir.glob(f".{CHECKPOINT_FILE_NAME}.*.tmp"),
-        ]
-        for path in partial:
-            path.unlink(missing_ok=True)
-            log.info("removed %s: left by a write that was interrupted", path)
-
-    def _spec(self, prepared: PreparedClaim) -> dict[str, Any]:
-        return claim_spec(prepared, self.paths.device_path, self.paths.host_device_path)
-
-    def _spec_present(self, prepared: PreparedClaim) -> bool:
-        if uses_ibm_specs(prepared):
-            return ibm_specs_present(self.paths.cdi_root, prepared.uid)
-        return (self.paths.cdi_root / spec_file_name(prepared.uid)).exists()
-
-    def _write_spec(self, prepared: PreparedClaim) -> None:
-        # A claim adopted from IBM's driver keeps the CDI IDs the kubelet has: IBM's files.
-        if uses_ibm_specs(prepared):
-            write_ibm_specs(
-                self.paths.cdi_root,
-                prepared.uid,
-                self.paths.device_path,
-                self.paths.host_device_path,
-            )
-        else:
-            write_claim_spec(self.paths.cdi_root, self._spec(prepared), prepared.uid)
+        self._state.close()
 
     def credits_outside_our_slice(self) -> int:
         """Credits of prepared claims the scheduler counts against IBM's device, not ours."""
-        return credits_outside_our_slice(self.claims.values())
+        return self._state.outside_credits
 
     def _check_outside_credits(self) -> None:
-        if not self._outside_may_change:
-            return
-        self._outside_may_change = False
-        outside = self.credits_outside_our_slice()
+        outside = self._state.outside_credits
         if outside != self._outside_credits:
             self._outside_credits = outside
             if self.on_outside_credits_change is not None:
                 self.on_outside_credits_change()
 
-    def _note_outside_change(self, *claims: PreparedClaim | None) -> None:
-        if any(c is not None and credits_outside_our_slice((c,)) for c in claims):
-            self._outside_may_change = True
-
-    def _refresh_from_disk(self) -> None:
-        # Another plugin instance (rolling update) may have written since our last write.
-        if self._state.changed_on_disk():
-            loaded, _ = self._state.load(self.paths.cdi_root)
-            self.claims = dict(loaded.claims)
-            self._outside_may_change = True
-            # Its writer may have died mid-append: start from a clean journal.
-            self._state.save(self.claims)
-
     # --- prepare -------------------------------------------------------------------
 
     async def prepare_claims(
         self, claims: list[ClaimRef], *, budget: float = PREPARE_DEADLINE
-    ) -> dict[str, ClaimPrepareResult]:
+    ) -> dict[str, PrepareResult]:
         """Prepare a batch; every claim's outcome, error included, stays in its own entry.
 
         The whole call takes at most `budget` seconds (the caller's deadline):
@@ -267,91 +200,80 @@ class NxDriver:
         start = time.monotonic()
         budget = min(budget, PREPARE_DEADLINE)
         decide_by = start + max(0.0, budget - min(COMMIT_RESERVE, budget / 4))
-        results: dict[str, ClaimPrepareResult] = {}
+        results: dict[str, PrepareResult] = {}
         decided: dict[str, PreparedClaim] = {}
-
-        async def one(ref: ClaimRef) -> None:
-            label = f"claim {clip(ref.namespace)}/{clip(ref.name)}"
-            stage = ["waiting for a free prepare slot"]
-            with anyio.move_on_after(decide_by - time.monotonic()) as scope:
-                async with self._limit:
-                    try:
-                        validate_claim_ref(ref)
-                        known = self.claims.get(ref.uid)
-                        if known is None:
-                            known = await self._decide(ref, decide_by, stage)
-                        decided[ref.uid] = known
-                    except ClaimError as exc:
-                        results[ref.uid] = ClaimPrepareResult(error=str(exc))
-                    except ApiError as exc:
-                        results[ref.uid] = ClaimPrepareResult(error=f"{label}: {exc}")
-                    except Exception as exc:  # a bug must fail its claim, not the batch
-                        log.exception("preparing a claim failed", extra={"claimUID": ref.uid})
-                        results[ref.uid] = ClaimPrepareResult(
-                            error=f"{label}: internal error: {type(exc).__name__}: "
-                            f"{clip(str(exc), 300)} (plugin bug; the kubelet retries)"
-                        )
-            if scope.cancelled_caught:
-                results[ref.uid] = ClaimPrepareResult(
-                    error=f"{label}: deadline exceeded: not prepared within the call's "
-                    f"{budget:.1f} s while {stage[0]}; the kubelet retries"
-                )
-
-        if len(claims) == 1:  # the usual call: one pod, one claim; no task to start
-            await one(claims[0])
-        else:
+        known = self._state.claims
+        new: list[ClaimRef] = []
+        for ref in claims:
+            try:
+                validate_claim_ref(ref)
+            except ClaimError as exc:
+                results[ref.uid] = PrepareResult(error=str(exc))
+                continue
+            prepared = known.get(ref.uid)
+            if prepared is None:
+                new.append(ref)
+            else:
+                decided[ref.uid] = prepared
+        if len(new) == 1:  # the usual call: one pod, one claim; no task to start
+            await self._decide(new[0], decide_by, budget, decided, results)
+        elif new:
             async with anyio.create_task_group() as tg:
-                for ref in claims:
-                    tg.start_soon(one, ref)
+                for ref in new:
+                    tg.start_soon(self._decide, ref, decide_by, budget, decided, results)
         if decided:
-            async with self._lock:
-                await self._in_writer(self._commit_prepared, decided)
+            timeout = start + budget - time.monotonic()
+            results.update(await self._thread.run(self._state.prepare, decided, timeout))
             self._check_outside_credits()
-        for uid, prepared in decided.items():
-            results[uid] = ClaimPrepareResult(
-                devices=[
-                    PreparedDeviceInfo(
-                        request_names=list(d.request_names),
-                        pool_name=d.pool_name,
-                        device_name=d.device_name,
-                        cdi_device_ids=list(d.cdi_device_ids),
-                        share_id=d.share_id,
-                    )
-                    for d in prepared.devices
-                ]
-            )
-        errors = sum(1 for r in results.values() if r.error)
-        self.stats["prepared"] += len(decided)
+        errors = 0
+        for uid, result in results.items():
+            if result.error:
+                errors += 1
+                log.error("prepare failed", extra={"claimUID": uid, "error": result.error})
+        self.stats["prepared"] += len(results) - errors
         self.stats["prepare_errors"] += errors
-        if errors:
-            for uid, r in results.items():
-                if r.error:
-                    log.error("prepare failed", extra={"claimUID": uid, "error": r.error})
         if self.on_latency is not None:
             self.on_latency("prepare", time.monotonic() - start)
         return results
 
-    async def _in_writer(self, func: Callable[[T], None], arg: T) -> None:
-        """Run `func(arg)` in the state-writer thread; not cancellable once started
-        (the caller holds the state lock until the write is done)."""
-        with anyio.CancelScope(shield=True):
-            await asyncio.get_running_loop().run_in_executor(self._writer, func, arg)
+    async def _decide(
+        self,
+        ref: ClaimRef,
+        decide_by: float,
+        budget: float,
+        decided: dict[str, PreparedClaim],
+        results: dict[str, PrepareResult],
+    ) -> None:
+        """Read and judge one claim not prepared yet; into `decided`, or its error into `results`."""
+        stage = ["waiting for a free prepare slot"]
+        with anyio.CancelScope(deadline=decide_by) as scope:
+            try:
+                self._limit.acquire_nowait()  # no event-loop round trip when a slot is free
+            except anyio.WouldBlock:
+                await self._limit.acquire()
+            try:
+                decided[ref.uid] = await self._decide_claim(ref, decide_by, stage)
+            except ClaimError as exc:
+                results[ref.uid] = PrepareResult(error=str(exc))
+            except ApiError as exc:
+                results[ref.uid] = PrepareResult(error=f"{_label(ref)}: {exc}")
+            except Exception as exc:  # a bug must fail its claim, not the batch
+                log.exception("preparing a claim failed", extra={"claimUID": ref.uid})
+                results[ref.uid] = PrepareResult(
+                    error=f"{_label(ref)}: internal error: {type(exc).__name__}: "
+                    f"{clip(str(exc), 300)} (plugin bug; the kubelet retries)"
+                )
+            finally:
+                self._limit.release()
+        if scope.cancelled_caught:
+            results[ref.uid] = PrepareResult(
+                error=f"{_label(ref)}: deadline exceeded: not prepared within the call's "
+                f"{budget:.1f} s while {stage[0]}; the kubelet retries"
+            )
 
-    def _commit_prepared(self, decided: dict[str, PreparedClaim]) -> None:
-        """Specs first, then one checkpoint write (worker thread, lock held)."""
-        self._refresh_from_disk()
-        changed: dict[str, PreparedClaim] = {}
-        for uid, prepared in decided.items():
-            if self.claims.get(uid) != prepared or not self._spec_present(prepared):
-                self._write_spec(prepared)
-            if self.claims.get(uid) != prepared:
-                self._note_outside_change(self.claims.get(uid), prepared)
-                self.claims[uid] = prepared
-                changed[uid] = prepared
-        if changed:
-            self._state.record(self.claims, changed)
-
-    async def _decide(self, ref: ClaimRef, deadline: float, stage: list[str]) -> PreparedClaim:
+    async def _decide_claim(
+        self, ref: ClaimRef, deadline: float, stage: list[str]
+    ) -> PreparedClaim:
         """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
         claim = await self._get_claim(ref, deadline, stage)
         problem = check_claim(claim, ref)
@@ -378,7 +300,10 @@ class NxDriver:
         delay = 0.05
         while True:
             try:
-                res = resource_kinds(await client.resource_api_version())["ResourceClaim"]
+                res = self._claim_resource
+                if res is None:
+                    version = await client.resource_api_version()
+                    res = self._claim_resource = resource_kinds(version)["ResourceClaim"]
                 return await client.get(res, ref.name, ref.namespace)
             except NotFound as exc:
                 raise ClaimError(
@@ -402,41 +327,18 @@ class NxDriver:
 
     # --- unprepare -----------------------------------------------------------------
 
-    async def unprepare_claims(self, claims: list[ClaimRef]) -> dict[str, str]:
+    async def unprepare_claims(
+        self, claims: list[ClaimRef], *, budget: float = PREPARE_DEADLINE
+    ) -> dict[str, str]:
+        """Unprepare a batch; claim UID -> error message, "" for success."""
         start = time.monotonic()
-        results: dict[str, str] = {}
-        uids: list[str] = []
-        for ref in claims:
-            try:
-                validate_claim_uid(ref.uid)
-            except ClaimError as exc:
-                results[ref.uid] = str(exc)
-                continue
-            uids.append(ref.uid)
-            results[ref.uid] = ""
-        if uids:
-            async with self._lock:
-                await self._in_writer(self._commit_unprepared, uids)
-            self._check_outside_credits()
-        self.stats["unprepared"] += len(uids)
+        timeout = min(budget, PREPARE_DEADLINE)
+        results = await self._thread.run(self._state.unprepare, [c.uid for c in claims], timeout)
+        self._check_outside_credits()
+        self.stats["unprepared"] += sum(1 for error in results.values() if not error)
         if self.on_latency is not None:
             self.on_latency("unprepare", time.monotonic() - start)
         return results
-
-    def _commit_unprepared(self, uids: list[str]) -> None:
-        """Checkpoint entry first, then the spec (worker thread, lock held)."""
-        self._refresh_from_disk()
-        removed = []
-        for uid in uids:
-            gone = self.claims.pop(uid, None)
-            if gone is not None:
-                removed.append(uid)
-                self._note_outside_change(gone)
-        if removed:
-            self._state.record(self.claims, {}, removed)
-        for uid in uids:
-            remove_claim_spec(self.paths.cdi_root, uid)
-        remove_ibm_specs(self.paths.cdi_root, uids, self.claims.values())
 
     # --- health --------------------------------------------------------------------
 
@@ -450,3 +352,7 @@ class NxDriver:
         """Wake health streams (the inventory changed)."""
         self._health_event.set()
         self._health_event = anyio.Event()
+
+
+def _label(ref: ClaimRef) -> str:
+    return f"claim {clip(ref.namespace)}/{clip(ref.name)}"

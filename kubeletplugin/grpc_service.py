@@ -28,10 +28,10 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import anyio
 from grpclib.const import Cardinality, Handler, Status
@@ -45,6 +45,9 @@ from proto_gen.generated import v1alpha1 as health_v1alpha1
 from proto_gen.generated import v1beta1 as health_v1beta1
 from proto_gen.generated.k8s.io.kubelet.pkg.apis.dra import v1 as dra_v1
 from proto_gen.generated.k8s.io.kubelet.pkg.apis.dra import v1beta1 as dra_v1beta1
+
+if TYPE_CHECKING:
+    from kubeletplugin.state import PrepareResult
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +86,14 @@ MIN_DEADLINE_MARGIN = 0.5
 
 __all__ = [
     "ChangeSignal",
-    "ClaimPrepareResult",
     "ClaimRef",
     "DeviceHealth",
     "DraBackend",
     "PluginServers",
-    "PreparedDeviceInfo",
     "RegistrationState",
     "SocketPaths",
     "listen_unix",
 ]
-
-
-@dataclass(frozen=True)
-class PreparedDeviceInfo:
-    """One prepared device of a claim, as reported back to the kubelet."""
-
-    request_names: list[str]
-    pool_name: str
-    device_name: str
-    cdi_device_ids: list[str]
-    share_id: str = ""  # DRA v1 only; "" when the device is not shared
-
-
-@dataclass
-class ClaimPrepareResult:
-    """Outcome for one claim: its devices, or an error saying what to fix."""
-
-    devices: list[PreparedDeviceInfo] = field(default_factory=list)
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,7 +117,7 @@ class DraBackend(Protocol):
 
     async def prepare_claims(
         self, claims: list[ClaimRef], *, budget: float
-    ) -> dict[str, ClaimPrepareResult]:
+    ) -> Mapping[str, PrepareResult]:
         """Prepare claims (unique, non-empty UIDs); result keyed by claim UID.
 
         Per-claim failures go into that claim's result. A claim missing from
@@ -144,8 +126,9 @@ class DraBackend(Protocol):
         """
         ...
 
-    async def unprepare_claims(self, claims: list[ClaimRef]) -> dict[str, str]:
-        """Unprepare claims; claim UID -> error message, "" for success."""
+    async def unprepare_claims(self, claims: list[ClaimRef], *, budget: float) -> Mapping[str, str]:
+        """Unprepare claims (unique, non-empty UIDs); claim UID -> error message, "" for
+        success. `budget` as for `prepare_claims`."""
         ...
 
     def device_health(self) -> list[DeviceHealth]:
@@ -233,29 +216,25 @@ def _claim_refs(method: str, api: Any, claims: list[Any]) -> list[ClaimRef]:
     return list(refs.values())
 
 
-class _DraService:
-    """NodePrepareResources / NodeUnprepareResources for one DRA API version."""
+def _prepare_response(
+    api: Any, claims: list[ClaimRef], results: Mapping[str, PrepareResult], shares: bool
+) -> Any:
+    """The wire answer to NodePrepareResources: the one place results become messages.
 
-    def __init__(self, api: Any, backend: DraBackend) -> None:
-        self._api = api
-        self._backend = backend
-
-    async def node_prepare_resources(self, request: Any, budget: float) -> Any:
-        api = self._api
-        claims = _claim_refs("NodePrepareResources", api, request.claims)
-        results = await self._backend.prepare_claims(claims, budget=budget) if claims else {}
-        shares = "share_id" in api.Device.__dataclass_fields__  # DRA v1, not v1beta1
-        out: dict[str, Any] = {}
-        for claim in claims:
-            result = results.get(claim.uid)
-            if result is None:
-                out[claim.uid] = api.NodePrepareResourceResponse(
-                    error=f"claim {claim} ({claim.uid}): the plugin returned no result (plugin bug)"
-                )
-                continue
-            out[claim.uid] = api.NodePrepareResourceResponse(
+    `shares`: the API version's Device has `share_id` (DRA v1, not v1beta1).
+    """
+    device_type, answer_type = api.Device, api.NodePrepareResourceResponse
+    out: dict[str, Any] = {}
+    for claim in claims:
+        result = results.get(claim.uid)
+        if result is None:
+            out[claim.uid] = answer_type(error=_missing(claim))
+        elif result.error:
+            out[claim.uid] = answer_type(error=result.error)
+        else:
+            out[claim.uid] = answer_type(
                 devices=[
-                    api.Device(
+                    device_type(
                         request_names=list(d.request_names),
                         pool_name=d.pool_name,
                         device_name=d.device_name,
@@ -263,22 +242,42 @@ class _DraService:
                         **({"share_id": d.share_id} if shares and d.share_id else {}),
                     )
                     for d in result.devices
-                ],
-                error=result.error,
+                ]
             )
-        return api.NodePrepareResourcesResponse(claims=out)
+    return api.NodePrepareResourcesResponse(claims=out)
+
+
+def _unprepare_response(api: Any, claims: list[ClaimRef], errors: Mapping[str, str]) -> Any:
+    """The wire answer to NodeUnprepareResources."""
+    answer_type = api.NodeUnprepareResourceResponse
+    out: dict[str, Any] = {}
+    for claim in claims:
+        error = errors.get(claim.uid)
+        out[claim.uid] = answer_type(error=_missing(claim) if error is None else error)
+    return api.NodeUnprepareResourcesResponse(claims=out)
+
+
+def _missing(claim: ClaimRef) -> str:
+    return f"claim {claim} ({claim.uid}): the plugin returned no result (plugin bug)"
+
+
+class _DraService:
+    """NodePrepareResources / NodeUnprepareResources for one DRA API version."""
+
+    def __init__(self, api: Any, backend: DraBackend) -> None:
+        self._api = api
+        self._backend = backend
+        self._shares = "share_id" in api.Device.__dataclass_fields__  # DRA v1, not v1beta1
+
+    async def node_prepare_resources(self, request: Any, budget: float) -> Any:
+        claims = _claim_refs("NodePrepareResources", self._api, request.claims)
+        results = await self._backend.prepare_claims(claims, budget=budget) if claims else {}
+        return _prepare_response(self._api, claims, results, self._shares)
 
     async def node_unprepare_resources(self, request: Any, budget: float) -> Any:
-        api = self._api
-        claims = _claim_refs("NodeUnprepareResources", api, request.claims)
-        errors = await self._backend.unprepare_claims(claims) if claims else {}
-        out: dict[str, Any] = {}
-        for claim in claims:
-            error = errors.get(claim.uid)
-            if error is None:
-                error = f"claim {claim} ({claim.uid}): the plugin returned no result (plugin bug)"
-            out[claim.uid] = api.NodeUnprepareResourceResponse(error=error)
-        return api.NodeUnprepareResourcesResponse(claims=out)
+        claims = _claim_refs("NodeUnprepareResources", self._api, request.claims)
+        errors = await self._backend.unprepare_claims(claims, budget=budget) if claims else {}
+        return _unprepare_response(self._api, claims, errors)
 
 
 class _HealthService:
@@ -472,21 +471,18 @@ class _Lifecycle:
     def __init__(self) -> None:
         self.stopping = False
         self._active = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None  # made by wait_idle, set by the last call
         self._waits: set[anyio.CancelScope] = set()
 
-    @contextmanager
-    def call(self) -> Iterator[None]:
-        if self._active == 0:
-            self._idle = anyio.Event()
+    def enter(self) -> None:
+        """A call starts (pair with `leave` in a `finally`)."""
         self._active += 1
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     @contextmanager
     def interruptible(self, timeout: float) -> Iterator[None]:
@@ -507,6 +503,8 @@ class _Lifecycle:
 
     async def wait_idle(self) -> None:
         while self._active:
+            if self._idle is None:
+                self._idle = anyio.Event()
             await self._idle.wait()
 
 
@@ -514,16 +512,16 @@ def _unary_handler(
     method: str, impl: Callable[[Any, float], Awaitable[Any]], lifecycle: _Lifecycle
 ) -> Callable[[Any], Awaitable[None]]:
     async def handle(stream: Any) -> None:
-        with lifecycle.call():
+        lifecycle.enter()
+        try:
             request = await _recv_request(method, stream)
-            budget = _call_budget(stream)
-            start = time.perf_counter()
             try:
-                reply = await impl(request, budget)
+                reply = await impl(request, _call_budget(stream))
             except Exception as exc:
                 raise _status_for(method, exc) from exc
-            log.debug("%s answered in %.1f ms", method, (time.perf_counter() - start) * 1e3)
             await stream.send_message(reply)
+        finally:
+            lifecycle.leave()
 
     return handle
 
@@ -532,7 +530,8 @@ def _server_stream_handler(
     method: str, impl: Callable[[Any, Send], Awaitable[None]], lifecycle: _Lifecycle
 ) -> Callable[[Any], Awaitable[None]]:
     async def handle(stream: Any) -> None:
-        with lifecycle.call():
+        lifecycle.enter()
+        try:
             request = await _recv_request(method, stream)
             try:
                 await impl(request, stream.send_message)
@@ -540,6 +539,8 @@ def _server_stream_handler(
                 raise
             except Exception as exc:
                 raise _status_for(method, exc) from exc
+        finally:
+            lifecycle.leave()
 
     return handle
 

@@ -77,13 +77,29 @@ class SlicePublisher:
         self._multi_allocation_probed = False
         self._on_mode_change = on_mode_change
         self._held_credits = held_credits or (lambda: 0)
+        self._devices: tuple[Inventory, DeviceOptions, int, list[Device]] | None = None
         # Why the slice is not published yet ("" once it is, or before the first try).
         self.waiting_for = "connecting to the API server"
 
     @property
     def devices(self) -> list[Device]:
         """The devices of the current inventory in the current mode."""
-        return build_devices(self.inventory, self.options, self._held_credits())
+        inventory, options, held = self.inventory, self.options, self._held_credits()
+        cached = self._devices
+        # Asked for on every prepare of a new claim: built again only when its inputs change.
+        if (
+            cached is None
+            or cached[0] is not inventory
+            or cached[1] is not options
+            or cached[2] != held
+        ):
+            cached = self._devices = (
+                inventory,
+                options,
+                held,
+                build_devices(inventory, options, held),
+            )
+        return list(cached[3])
 
     def held_credits_changed(self) -> None:
         """Credits held outside our slice changed (claims adopted from IBM's driver)."""

@@ -1,19 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
 """NxDriver on real files, without an API server: start-up repair of the
-state directory, and the prepare/unprepare paths that need no API call
-(claims already in the checkpoint, claim references refused up front)."""
+state directory, the prepare/unprepare paths that need no API call
+(claims already in the checkpoint, claim references refused up front), the
+thread the state runs in; and one batch read from the real API server."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
+from controller.kube.client import ApiClient
+from controller.kube.resources import resource_kinds
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
-from kubeletplugin.checkpoint import read_boot_id, read_state, save_checkpoint
+from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
-from kubeletplugin.driver import DriverPaths, NxDriver
+from kubeletplugin.driver import DriverPaths, NxDriver, StateThread
+from tests.dra_objects import claim as dra_claim
+from tests.dra_objects import claim_spec as dra_claim_spec
+from tests.harness.cluster import ControlPlane
 
 DRIVER = "nx.device.power.ibm.com"
 NODE = "node-a"
@@ -117,7 +125,7 @@ async def test_prepare_of_a_checkpointed_claim_answers_from_the_checkpoint(
     driver = with_prepared(paths, prepared(UID))
     results = await driver.prepare_claims([ClaimRef("ns", UID, "claim")])
     assert results[UID].error == ""
-    assert [d.cdi_device_ids for d in results[UID].devices] == [[cdi_device_id(UID, "nx-gzip")]]
+    assert [d.cdi_device_ids for d in results[UID].devices] == [(cdi_device_id(UID, "nx-gzip"),)]
 
 
 @pytest.mark.anyio
@@ -183,3 +191,80 @@ async def test_unprepare_refuses_an_unsafe_uid_and_touches_nothing(paths: Driver
     assert "is not a safe token" in errors["../plugin/checkpoint"]
     assert sorted(p.name for p in paths.cdi_root.iterdir()) == before
     assert checkpoint_uids(paths) == {UID}
+
+
+# --- with claims read from the API server ---------------------------------------------------
+
+
+def journal_lines(paths: DriverPaths) -> int:
+    return journal_path(paths.checkpoint).read_bytes().count(b"\n")
+
+
+async def allocated_claim(api: ApiClient, ns: str, name: str) -> ClaimRef:
+    """A claim with an allocation on our node's `nx-gzip`, as the scheduler leaves it."""
+    res = resource_kinds("v1")["ResourceClaim"]
+    created = await api.create(res, dra_claim(ns, name, dra_claim_spec({"nx": DRIVER})))
+    created["status"] = {
+        "allocation": {
+            "devices": {
+                "results": [{"request": "nx", "driver": DRIVER, "pool": NODE, "device": "nx-gzip"}]
+            }
+        }
+    }
+    await api.replace(res, created, subresource="status")
+    return ClaimRef(ns, created["metadata"]["uid"], name)
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_batch_of_new_claims_is_written_in_one_state_record(
+    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
+) -> None:
+    control_plane.create_namespace(unique_name)
+    refs = [await allocated_claim(api, unique_name, f"c{i}") for i in range(3)]
+    driver = with_prepared(paths, prepared(UID))
+    driver.set_client(api)
+    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])  # a journal to count lines in
+    before = journal_lines(paths)
+    results = await driver.prepare_claims(refs)
+    assert {uid: r.error for uid, r in results.items()} == {r.uid: "" for r in refs}
+    assert journal_lines(paths) == before + 1
+    assert checkpoint_uids(paths) == {r.uid for r in refs}
+    assert all(spec_path(paths, r.uid).exists() for r in refs)
+
+
+# --- the state thread ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_state_calls_run_in_order_and_a_cancelled_callers_call_completes() -> None:
+    thread = StateThread()
+    done: list[str] = []
+    started, go_on = threading.Event(), threading.Event()
+
+    def first() -> None:
+        started.set()
+        go_on.wait()
+        done.append("first")
+
+    def second() -> str:
+        done.append("second")
+        return "second"
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(thread.run, first)
+            await anyio.to_thread.run_sync(started.wait)
+            scope.cancel()  # the caller gives up while its call runs
+    go_on.set()
+    assert await thread.run(second) == "second"
+    assert done == ["first", "second"]
+
+
+@pytest.mark.anyio
+async def test_a_state_call_that_fails_raises_in_its_caller() -> None:
+    def boom() -> None:
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        await StateThread().run(boom)

@@ -29,17 +29,17 @@ import anyio
 import grpc
 import pytest
 
+from kubeletplugin.claims import PreparedDevice
 from kubeletplugin.grpc_service import (
     MIN_HEALTH_INTERVAL,
     ChangeSignal,
-    ClaimPrepareResult,
     ClaimRef,
     DeviceHealth,
     PluginServers,
-    PreparedDeviceInfo,
     SocketPaths,
     listen_unix,
 )
+from kubeletplugin.state import PrepareResult
 from tests import grpc_stubs
 
 DRIVER = "nx.device.power.ibm.com"
@@ -84,31 +84,32 @@ class RecordingBackend:
 
     async def prepare_claims(
         self, claims: list[ClaimRef], *, budget: float
-    ) -> dict[str, ClaimPrepareResult]:
+    ) -> dict[str, PrepareResult]:
         self._check("prepare", claims)
         self.budgets.append(budget)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
-        out: dict[str, ClaimPrepareResult] = {}
+        out: dict[str, PrepareResult] = {}
         for c in claims:
             if c.name.startswith("lost-"):
                 continue
             if c.name.startswith("bad-"):
-                out[c.uid] = ClaimPrepareResult([], f"claim {c.namespace}/{c.name}: bad config")
+                out[c.uid] = PrepareResult(error=f"claim {c.namespace}/{c.name}: bad config")
                 continue
             self.prepared[c.uid] = c
-            device = PreparedDeviceInfo(
-                ["nx"],
-                POOL,
-                "nx-gzip",
-                [f"k8s.nx.device.power.ibm.com/nx=claim-{c.uid}"],
+            device = PreparedDevice(
+                request_names=("nx",),
+                pool_name=POOL,
+                device_name="nx-gzip",
+                cdi_device_ids=(f"k8s.nx.device.power.ibm.com/nx=claim-{c.uid}",),
+                credits=1,
                 share_id=f"share-{c.uid}" if c.name.startswith("shared-") else "",
             )
-            out[c.uid] = ClaimPrepareResult([device])
+            out[c.uid] = PrepareResult((device,))
         return out
 
-    async def unprepare_claims(self, claims: list[ClaimRef]) -> dict[str, str]:
+    async def unprepare_claims(self, claims: list[ClaimRef], *, budget: float) -> dict[str, str]:
         self._check("unprepare", claims)
         out: dict[str, str] = {}
         for c in claims:

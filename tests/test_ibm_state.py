@@ -185,7 +185,7 @@ async def test_re_prepare_of_an_adopted_claim_answers_ibm_cdi_ids(paths: DriverP
     results = await driver.prepare_claims([ClaimRef("ns", UID, "claim")])
     assert results[UID].error == ""
     (device,) = results[UID].devices
-    assert device.cdi_device_ids == list(ibm_cdi_device_ids(UID))
+    assert device.cdi_device_ids == ibm_cdi_device_ids(UID)
     assert device.device_name == IBM_DEVICE_NAME
 
 

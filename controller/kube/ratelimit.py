@@ -40,6 +40,10 @@ class TokenBucket:
         """Wait until a request may go out."""
         if self.qps <= 0:
             return
+        # The usual case, nobody waiting and a token there: no event-loop round trip
+        # (taking the lock yields to the loop once even when it is free).
+        if not self._lock.locked() and self.try_take() == 0:
+            return
         async with self._lock:
             # Sleeping exactly until the next token is the point here.
             while (wait := self.try_take()) > 0:  # noqa: ASYNC110
