@@ -28,7 +28,6 @@ from kubeletplugin.claims import CDI_KIND, PreparedClaim, cdi_device_name, valid
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEVICE_PATH = DEVICE_PATH
 CLAIM_ANNOTATION = "nx.device.power.ibm.com/prepared-claim"
 
 _VENDOR, _CLASS = CDI_KIND.split("/", 1)
@@ -85,7 +84,7 @@ def minimum_cdi_version(spec: Mapping[str, Any]) -> str:
 
 def claim_spec(
     prepared: PreparedClaim,
-    device_path: str = DEFAULT_DEVICE_PATH,
+    device_path: str = DEVICE_PATH,
     host_path: str | None = None,
 ) -> dict[str, Any]:
     """The CDI spec for one prepared claim.

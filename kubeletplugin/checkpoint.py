@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import anyio
 import orjson
 
+from controller.kube.backoff import Backoff, BackoffPolicy
 from kubeletplugin.atomic_write import atomic_write_bytes, fsync_directory
 from kubeletplugin.cdi import SPEC_FILE_PREFIX, list_claim_specs, prepared_claim_from_spec
 from kubeletplugin.claims import PreparedClaim, PreparedDevice
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 JOURNALED_VERSION = 2  # a snapshot whose journal may hold later changes
 CHECKPOINT_FILE_NAME = "checkpoint.json"
-JOURNAL_FILE_NAME = "checkpoint.journal"
 LOCK_FILE_NAME = "checkpoint.lock"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -128,21 +128,15 @@ def journal_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.journal")
 
 
-def decode_checkpoint(data: bytes) -> tuple[str, dict[str, PreparedClaim]]:
-    """Parse and verify snapshot bytes; returns (boot ID, claims by UID).
-
-    The claims are the snapshot's only: see `read_state` for the journal.
+def decode_snapshot(data: bytes) -> tuple[str, str | None, dict[str, PreparedClaim]]:
+    """Parse and verify snapshot bytes: (boot ID, journal generation or None for
+    version 1, claims by UID); the claims are the snapshot's only (see `read_state`
+    for the journal).
 
     Raises:
         CheckpointError: not JSON, wrong checksum, unknown version, or
             malformed claims.
     """
-    boot_id, _, claims = decode_snapshot(data)
-    return boot_id, claims
-
-
-def decode_snapshot(data: bytes) -> tuple[str, str | None, dict[str, PreparedClaim]]:
-    """Like `decode_checkpoint`, plus the journal generation (None for version 1)."""
     document = _verified_object(data)
     version = document.get("version")
     if version not in (CHECKPOINT_VERSION, JOURNALED_VERSION):
@@ -592,8 +586,8 @@ class StateLock:
         self, path: Path, *, poll_interval: float = 0.002, max_poll_interval: float = 0.05
     ) -> None:
         self.path = path
-        self._poll_interval = poll_interval
-        self._max_poll_interval = max_poll_interval
+        # A lock poll, not a failure: no jitter (the other holder is on this node).
+        self._poll = BackoffPolicy(initial=poll_interval, cap=max_poll_interval, jitter=0.0)
         self._fd: int | None = None
         self._guard = threading.Lock()
 
@@ -623,12 +617,12 @@ class StateLock:
             TimeoutError: not acquired within `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = self._poll_interval
+        poll = Backoff(self._poll)
         while not self.try_acquire():
+            delay = poll.next_delay()
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise TimeoutError(f"{self.path} stayed locked for {timeout} s")
             time.sleep(delay)
-            delay = min(delay * 2, self._max_poll_interval)
 
     async def acquire_async(self) -> None:
         """Wait for the lock without blocking the event loop.
@@ -639,10 +633,9 @@ class StateLock:
         free lock, the usual case, costs one system call. Bound the wait
         with `anyio.fail_after`.
         """
-        delay = self._poll_interval
-        while not self.try_acquire():
-            await anyio.sleep(delay)
-            delay = min(delay * 2, self._max_poll_interval)
+        poll = Backoff(self._poll)
+        while not self.try_acquire():  # noqa: ASYNC110 (a flock has no event to wait on)
+            await anyio.sleep(poll.next_delay())
 
     def release(self) -> None:
         """Release the lock (closing its descriptor releases the flock)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
+from controller.kube.backoff import BackoffPolicy, retry
 from controller.kube.errors import ApiError, NotFound
 from controller.kube.resources import Resource, resource_kinds
 
@@ -60,6 +61,10 @@ PREPARE_DEADLINE = 40.0
 # Part of the budget kept for writing specs and the checkpoint after the claims
 # are decided (a busy disk's fsync takes up to ~0.2 s).
 COMMIT_RESERVE = 0.5
+
+# Reading a claim the API server failed to give: 50 ms doubling to 2 s, until the
+# call's deadline.
+CLAIM_READ_BACKOFF = BackoffPolicy(initial=0.05, cap=2.0)
 
 
 class StateThread:
@@ -252,7 +257,7 @@ class NxDriver:
             except anyio.WouldBlock:
                 await self._limit.acquire()
             try:
-                decided[ref.uid] = await self._decide_claim(ref, decide_by, stage)
+                decided[ref.uid] = await self._decide_claim(ref, stage)
             except ClaimError as exc:
                 results[ref.uid] = PrepareResult(error=str(exc))
             except ApiError as exc:
@@ -271,11 +276,9 @@ class NxDriver:
                 f"{budget:.1f} s while {stage[0]}; the kubelet retries"
             )
 
-    async def _decide_claim(
-        self, ref: ClaimRef, deadline: float, stage: list[str]
-    ) -> PreparedClaim:
+    async def _decide_claim(self, ref: ClaimRef, stage: list[str]) -> PreparedClaim:
         """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
-        claim = await self._get_claim(ref, deadline, stage)
+        claim = await self._get_claim(ref, stage)
         problem = check_claim(claim, ref)
         if problem:
             raise ClaimError(problem)
@@ -290,40 +293,37 @@ class NxDriver:
             devices = {*devices, IBM_DEVICE_NAME}
         return build_prepared_claim(claim, self.driver, self.node_name, devices)
 
-    async def _get_claim(self, ref: ClaimRef, deadline: float, stage: list[str]) -> dict[str, Any]:
+    async def _get_claim(self, ref: ClaimRef, stage: list[str]) -> dict[str, Any]:
         if self._client is None:
             stage[0] = "waiting for the API client (the plugin is starting)"
             await self._client_ready.wait()
         client = self._client
         assert client is not None
         stage[0] = "reading the claim from the API server"
-        delay = 0.05
-        while True:
-            try:
-                res = self._claim_resource
-                if res is None:
-                    version = await client.resource_api_version()
-                    res = self._claim_resource = resource_kinds(version)["ResourceClaim"]
-                return await client.get(res, ref.name, ref.namespace)
-            except NotFound as exc:
-                raise ClaimError(
-                    f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
-                    "it was deleted before its pod started"
-                ) from exc
-            except ApiError as exc:
-                if not exc.retryable:
-                    raise
-                # Retried until the call's deadline (the caller's scope ends it);
-                # the timeout answer then quotes the last error.
-                stage[0] = (
-                    f"reading the claim from the API server (last error: {clip(str(exc), 300)})"
-                )
-                log.warning(
-                    "reading claim failed, retrying",
-                    extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc)},
-                )
-                await anyio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 2.0)
+
+        async def read() -> dict[str, Any]:
+            res = self._claim_resource
+            if res is None:
+                version = await client.resource_api_version()
+                res = self._claim_resource = resource_kinds(version)["ResourceClaim"]
+            return await client.get(res, ref.name, ref.namespace)
+
+        def retrying(exc: BaseException, delay: float) -> None:
+            # Retried until the call's deadline (the caller's scope ends it);
+            # the timeout answer then quotes the last error.
+            stage[0] = f"reading the claim from the API server (last error: {clip(str(exc), 300)})"
+            log.warning(
+                "reading claim failed, retrying",
+                extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc), "delay_s": delay},
+            )
+
+        try:
+            return await retry(read, CLAIM_READ_BACKOFF, on_retry=retrying)
+        except NotFound as exc:
+            raise ClaimError(
+                f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
+                "it was deleted before its pod started"
+            ) from exc
 
     # --- unprepare -----------------------------------------------------------------
 
