@@ -253,13 +253,19 @@ def test_device_mappings_are_frozen_copies() -> None:
         ("0.5", Fraction(1, 2)),
         ("+7", Fraction(7)),
         (12, Fraction(12)),
+        ("1.5Ki", Fraction(1536)),
+        ("-1500m", Fraction(-3, 2)),
+        ("2k", Fraction(2000)),
+        (".5", Fraction(1, 2)),
     ],
 )
 def test_quantities_parse_to_their_exact_value(text: str | int, value: Fraction) -> None:
     assert parse_quantity(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "k", "1kk", "1 k", "abc", "1Ki2", "0x10", "1e999999999"])
+@pytest.mark.parametrize(
+    "text", ["", "k", "1kk", "1 k", "abc", "1Ki2", "0x10", "1e999999999", ".", "e3", "1.2.3"]
+)
 def test_malformed_quantities_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_quantity(text)

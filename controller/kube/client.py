@@ -8,16 +8,16 @@ the exceptions of `controller.kube.errors`.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import anyio
 import orjson
 
@@ -39,6 +39,39 @@ from controller.kube.errors import (
 from controller.kube.kubeconfig import ClusterConfig, ConfigError, ExecCredential
 from controller.kube.ratelimit import TokenBucket
 from controller.kube.resources import RESOURCE_GROUP, Resource, pick_resource_version
+
+
+@contextlib.contextmanager
+def _lean_aiohttp_import() -> Iterator[None]:
+    """While aiohttp is imported: no system CA bundle, no compiled frozenlist.
+
+    aiohttp builds two default TLS contexts at import, each loading the system
+    CA bundle (1.6 MiB of a node plugin's idle RSS); every connection of ours
+    carries its own context (the cluster's CA) or none, so they are never used,
+    and without the bundle a stray caller's verification fails rather than
+    passing. frozenlist (aiohttp's signal lists, never on a request's path) as
+    compiled links libstdc++ (1.1 MiB); its pure-Python twin is the same type.
+    The patch is process-wide while the import runs: nothing else builds a
+    default TLS context then (the plugin imports this module in one worker
+    thread before any connection, the controller at start).
+    """
+    saved = ssl.SSLContext.load_default_certs, ssl.SSLContext.set_default_verify_paths
+    no_frozenlist_extension = os.environ.get("FROZENLIST_NO_EXTENSIONS")
+    ssl.SSLContext.load_default_certs = lambda self, purpose=None: None  # type: ignore[method-assign]
+    ssl.SSLContext.set_default_verify_paths = lambda self: None  # type: ignore[method-assign]
+    os.environ["FROZENLIST_NO_EXTENSIONS"] = "1"
+    try:
+        yield
+    finally:
+        ssl.SSLContext.load_default_certs, ssl.SSLContext.set_default_verify_paths = saved  # type: ignore[method-assign]
+        if no_frozenlist_extension is None:
+            del os.environ["FROZENLIST_NO_EXTENSIONS"]
+        else:
+            os.environ["FROZENLIST_NO_EXTENSIONS"] = no_frozenlist_extension
+
+
+with _lean_aiohttp_import():
+    import aiohttp
 
 log = logging.getLogger(__name__)
 

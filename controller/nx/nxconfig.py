@@ -28,7 +28,6 @@ NX-gzip is shared by credits. None of it reaches the container.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -428,6 +427,8 @@ def _decode_ibm_nx_config(obj: Mapping[str, Any], path: str) -> NxConfig:
 
 
 def _unknown_field_hint(key: Any) -> str:
+    import difflib  # only for a config that names an unknown field
+
     known = [*_HEADER_FIELDS, *_FIELDS_BY_NAME]
     close = difflib.get_close_matches(str(key), known, n=1)
     if close:
