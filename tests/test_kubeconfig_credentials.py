@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import sys
@@ -205,3 +206,26 @@ async def test_inline_certificate_data_leaves_no_file_behind(
     assert who["status"]["userInfo"]["username"]
     assert list(private_tmpdir.iterdir()) == []
     assert not any(name.startswith("power-dra-") for name in os.listdir(tempfile.gettempdir()))
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_json_kubeconfig_reaches_the_api_server_like_its_yaml_form(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    as_json = tmp_path / "kubeconfig.json"
+    as_json.write_text(json.dumps(yaml.safe_load(Path(control_plane.kubeconfig).read_text())))
+    from_json = await load_cluster_config(str(as_json))
+    from_yaml = await load_cluster_config(control_plane.kubeconfig)
+    assert from_json.source == str(as_json)
+    assert dataclasses.replace(from_json, source=from_yaml.source) == from_yaml
+    async with ApiClient(from_json) as api:
+        assert (await api.request("GET", "/version"))["gitVersion"].startswith("v1.")
+
+
+@pytest.mark.anyio
+async def test_a_broken_json_kubeconfig_is_named_with_the_parser_error(tmp_path: Path) -> None:
+    broken = tmp_path / "kubeconfig"
+    broken.write_text('{"apiVersion": "v1", "clusters": [')
+    with pytest.raises(ConfigError, match=rf"kubeconfig {broken} is not valid YAML"):
+        await load_cluster_config(str(broken))

@@ -381,17 +381,27 @@ async def load_cluster_config(kubeconfig: str | None, context: str | None = None
 
 
 def _read_kubeconfig(kubeconfig: str) -> tuple[Path, dict[str, Any]]:
-    # In a pod both processes use the service account: only a kubeconfig file
-    # needs the YAML parser (half a MiB the plugin would otherwise keep).
-    import yaml
-
     path = Path(kubeconfig.split(os.pathsep, maxsplit=1)[0]).expanduser()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read kubeconfig {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"kubeconfig {path} is not valid YAML: {exc}") from exc
+    data: Any = None
+    if text.lstrip().startswith("{"):
+        # A kubeconfig in JSON (`kubectl config view --raw -o json`) needs no YAML
+        # parser: in a pod both processes use the service account and never load
+        # it (half a MiB the plugin would otherwise keep).
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None  # let the YAML parser say what is wrong
+    if data is None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"kubeconfig {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"kubeconfig {path} is not a kubeconfig (expected a mapping)")
     return path, data
