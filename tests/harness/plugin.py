@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from tests import grpc_stubs
 from tests.fake_sysfs import make_powervm_tree, write_dev_node
 
 from .cluster import ControlPlane, Process, free_port
@@ -95,14 +98,24 @@ class PluginProcess:
         ]
 
     def start(self, wait: bool = True) -> PluginProcess:
-        """Start the process; with `wait`, until the DRA socket exists."""
+        """Start the process; with `wait`, until the DRA socket answers."""
         self.metrics_port = free_port()
         env = {**os.environ, **(self.env or {})}
         name = f"plugin-{self.node_name}{'-' + self.pod_uid if self.pod_uid else ''}"
         self.process = Process(name, self.argv(), self.workdir, env=env)
         if wait:
             self.wait_for(self.registration_socket.exists, 15, "registration socket")
+            self.wait_for_dra(15)
         return self
+
+    def wait_for_dra(self, timeout: float) -> None:
+        """Until the DRA socket answers an empty prepare. Registration answers while
+        the plugin still loads; DRA calls are served after its start-up repair."""
+        apis = grpc_stubs.load()
+        with grpc.insecure_channel(f"unix:{self.dra_socket}") as channel:
+            stub = apis.dra_v1.grpc.DRAPluginStub(channel)
+            request = apis.dra_v1.pb2.NodePrepareResourcesRequest()
+            stub.NodePrepareResources(request, timeout=timeout, wait_for_ready=True)
 
     def wait_for(self, pred: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
