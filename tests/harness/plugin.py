@@ -11,9 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from tests import grpc_stubs
 from tests.fake_sysfs import make_powervm_tree, write_dev_node
 
 from .cluster import ControlPlane, Process, free_port
@@ -58,6 +55,7 @@ class PluginProcess:
         self.env = env
         self.metrics_port = 0
         self.process: Process | None = None
+        self._log_start = 0  # where this run's lines begin in the log file
         for d in (self.registry_dir, self.plugins_dir, self.cdi_root):
             d.mkdir(parents=True, exist_ok=True)
         if make_tree and not self.sysfs_root.exists():
@@ -102,6 +100,8 @@ class PluginProcess:
         self.metrics_port = free_port()
         env = {**os.environ, **(self.env or {})}
         name = f"plugin-{self.node_name}{'-' + self.pod_uid if self.pod_uid else ''}"
+        log_path = self.workdir / f"{name}.log"  # appended to by every run
+        self._log_start = log_path.stat().st_size if log_path.exists() else 0
         self.process = Process(name, self.argv(), self.workdir, env=env)
         if wait:
             self.wait_for(self.registration_socket.exists, 15, "registration socket")
@@ -109,13 +109,17 @@ class PluginProcess:
         return self
 
     def wait_for_dra(self, timeout: float) -> None:
-        """Until the DRA socket answers an empty prepare. Registration answers while
-        the plugin still loads; DRA calls are served after its start-up repair."""
-        apis = grpc_stubs.load()
-        with grpc.insecure_channel(f"unix:{self.dra_socket}") as channel:
-            stub = apis.dra_v1.grpc.DRAPluginStub(channel)
-            request = apis.dra_v1.pb2.NodePrepareResourcesRequest()
-            stub.NodePrepareResources(request, timeout=timeout, wait_for_ready=True)
+        """Until this run serves its DRA socket (its "serving the kubelet" log line).
+        Registration answers while the plugin still loads; DRA calls are served
+        after its start-up repair."""
+
+        def serving() -> bool:
+            assert self.process is not None
+            with self.process.log_path.open("rb") as f:
+                f.seek(self._log_start)
+                return b'"msg":"serving the kubelet"' in f.read()
+
+        self.wait_for(serving, timeout, "DRA socket serving")
 
     def wait_for(self, pred: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
