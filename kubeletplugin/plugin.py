@@ -154,9 +154,9 @@ async def run_plugin(args: argparse.Namespace) -> None:
 
 
 def _make_socket_dirs(registry_dir: Path, plugin_dir: Path) -> None:
-    # Two mkdirs, on the event loop: nothing waits for it yet, and anyio's
-    # thread would import its backend first.
     # The kubelet creates its registry dir when it starts; do not depend on the order.
+    # On the event loop: nothing waits for it yet, and anyio's worker thread would
+    # import anyio's backend first.
     registry_dir.mkdir(parents=True, exist_ok=True)
     plugin_dir.mkdir(parents=True, exist_ok=True)  # the DRA socket's directory
 
@@ -226,8 +226,8 @@ IMPORT_SWITCH_INTERVAL = 0.0005
 
 
 def _import_cluster_side(modules: tuple[str, ...]) -> None:
-    """Import the API layer, the publisher and the gRPC client (a worker thread's job:
-    ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
+    """Import `modules` (a worker thread's job: the driver side's ~0.1 s and the
+    cluster side's ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
     default = sys.getswitchinterval()
     sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
     try:
