@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kubeletplugin.claims import ClaimRef
     from kubeletplugin.state import PrepareResult
 
+# The logger these messages had before this module was split off grpc_service.
 log = logging.getLogger("kubeletplugin.grpc_service")
 
 # Longest status message we send: it travels in an HTTP/2 header, which
