@@ -201,15 +201,17 @@ class CallLifecycle:
         self._idle: anyio.Event | None = None  # made by wait_idle, set by the last call
         self._waits: set[anyio.CancelScope] = set()
 
-    def enter(self) -> None:
-        """A call starts (pair with `leave` in a `finally`)."""
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """One call in flight for the duration of the block."""
         self._active += 1
-
-    def leave(self) -> None:
-        self._active -= 1
-        if self._active == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0 and self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     @contextmanager
     def interruptible(self, timeout: float) -> Iterator[None]:
@@ -239,16 +241,13 @@ def _unary_handler(
     method: str, impl: Callable[[Any, float], Awaitable[Any]], lifecycle: CallLifecycle
 ) -> Callable[[Any], Awaitable[None]]:
     async def handle(stream: Any) -> None:
-        lifecycle.enter()
-        try:
+        with lifecycle.call():
             request = await _recv_request(method, stream)
             try:
                 reply = await impl(request, _call_budget(stream))
             except Exception as exc:
                 raise _status_for(method, exc) from exc
             await stream.send_message(reply)
-        finally:
-            lifecycle.leave()
 
     return handle
 
@@ -257,8 +256,7 @@ def _server_stream_handler(
     method: str, impl: Callable[[Any, Send], Awaitable[None]], lifecycle: CallLifecycle
 ) -> Callable[[Any], Awaitable[None]]:
     async def handle(stream: Any) -> None:
-        lifecycle.enter()
-        try:
+        with lifecycle.call():
             request = await _recv_request(method, stream)
             try:
                 await impl(request, stream.send_message)
@@ -266,8 +264,6 @@ def _server_stream_handler(
                 raise
             except Exception as exc:
                 raise _status_for(method, exc) from exc
-        finally:
-            lifecycle.leave()
 
     return handle
 
