@@ -8,7 +8,11 @@ Two unix sockets:
   and reports the outcome with `NotifyRegistrationStatus`;
 - the DRA socket in the plugin's data directory, named in `GetInfo`: DRA
   `v1` and `v1beta1` (`NodePrepareResources`, `NodeUnprepareResources`) and
-  the device health stream (`v1alpha1`, `v1beta1`, `v1`).
+  the device health stream (`v1alpha1`, `v1beta1`, `v1`), in `dra_service`.
+
+This module holds the sockets and the registration service only, so that
+the registration socket can serve before the DRA messages, the claim code
+and anyio's event-loop backend are imported (`PluginServers.serve_dra`).
 
 The services only translate between wire messages and a `DraBackend`; what
 preparing a claim means lives in the backend. Errors about one claim go into
@@ -24,30 +28,35 @@ import logging
 import os
 import secrets
 import socket
-import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast
+from typing import Any, Self, cast
 
 import anyio
-from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server
 
-from kubeletplugin.claims import ClaimRef, clip
 from proto_gen.generated import pluginregistration as registration_api
-from proto_gen.generated import v1 as health_v1
-from proto_gen.generated import v1alpha1 as health_v1alpha1
-from proto_gen.generated import v1beta1 as health_v1beta1
-from proto_gen.generated.k8s.io.kubelet.pkg.apis.dra import v1 as dra_v1
-from proto_gen.generated.k8s.io.kubelet.pkg.apis.dra import v1beta1 as dra_v1beta1
 
-if TYPE_CHECKING:
-    from kubeletplugin.state import PrepareResult
+from .grpc_calls import (
+    CallLifecycle,
+    ChangeSignal,
+    DeviceHealth,
+    DraBackend,
+    Servable,
+    clip_message,
+)
+
+__all__ = [
+    "ChangeSignal",
+    "DeviceHealth",
+    "DraBackend",
+    "PluginServers",
+    "RegistrationState",
+    "SocketPaths",
+    "listen_unix",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,85 +73,8 @@ SUPPORTED_SERVICES = (
     "v1beta1.DRAResourceHealth",
     "v1alpha1.DRAResourceHealth",
 )
-# Shortest time between two health lists on one stream.
-MIN_HEALTH_INTERVAL = 0.1
-# Longest status message we send: it travels in an HTTP/2 header, which
-# clients cap (grpc-go at 16 KiB), and encoding a huge one stalls the server.
-MAX_STATUS_MESSAGE = 2000
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-# The largest request message we decode: the kubelet's own gRPC limit (grpc-go's
-# default receive size). A bigger one is refused from its length prefix, before
-# a byte of it is buffered or parsed.
-MAX_REQUEST_MESSAGE = 4 * 1024 * 1024
-# The kubelet gives a DRA call 45 s. A call answers within its own gRPC
-# deadline, never later than this, keeping a margin for the answer's way back.
-MAX_CALL_BUDGET = 40.0
-MIN_DEADLINE_MARGIN = 0.5
-
-
-# --- what the backend sees ---------------------------------------------------
-# (plus ClaimRef, the kubelet's name for a claim, shared with kubeletplugin.claims)
-
-__all__ = [
-    "ChangeSignal",
-    "ClaimRef",
-    "DeviceHealth",
-    "DraBackend",
-    "PluginServers",
-    "RegistrationState",
-    "SocketPaths",
-    "listen_unix",
-]
-
-
-@dataclass(frozen=True)
-class DeviceHealth:
-    """Health of one device; `healthy=None` means unknown."""
-
-    pool_name: str
-    device_name: str
-    healthy: bool | None
-    message: str = ""
-
-
-class ChangeSignal(Protocol):
-    """Something to wait on, such as `asyncio.Event` or `anyio.Event`."""
-
-    def wait(self) -> Awaitable[object]: ...
-
-
-class DraBackend(Protocol):
-    """What the services need from the plugin."""
-
-    async def prepare_claims(
-        self, claims: list[ClaimRef], *, budget: float
-    ) -> Mapping[str, PrepareResult]:
-        """Prepare claims (unique, non-empty UIDs); result keyed by claim UID.
-
-        Per-claim failures go into that claim's result. A claim missing from
-        the answer is reported to the kubelet as failed. `budget` is how many
-        seconds the caller waits for the answer (its gRPC deadline, capped).
-        """
-        ...
-
-    async def unprepare_claims(self, claims: list[ClaimRef], *, budget: float) -> Mapping[str, str]:
-        """Unprepare claims (unique, non-empty UIDs); claim UID -> error message, "" for
-        success. `budget` as for `prepare_claims`."""
-        ...
-
-    def device_health(self) -> list[DeviceHealth]:
-        """Current health of every device of the driver on this node."""
-        ...
-
-    def health_changed(self) -> ChangeSignal:
-        """A signal that fires at the first change of `device_health()` after this call.
-
-        Typically an event that is set and replaced on every change. The
-        health stream calls this right before `device_health()`, so no change
-        can slip between reading the list and waiting.
-        """
-        ...
 
 
 @dataclass
@@ -184,161 +116,6 @@ class SocketPaths:
         )
 
 
-# --- wire <-> backend ------------------------------------------------------------
-
-
-_CLAIM_FIELDS = (("namespace", 1), ("uid", 2), ("name", 3))
-
-
-def _claim_refs(method: str, api: Any, claims: list[Any]) -> list[ClaimRef]:
-    """Claims of a request, first occurrence of each UID; empty UIDs are a bad request."""
-    refs: dict[str, ClaimRef] = {}
-    for i, claim in enumerate(claims):
-        # betterproto2 turns a claim with an invalid wire type into None, and
-        # a string field sent as a number into an int.
-        if not isinstance(claim, api.Claim):
-            raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: claim #{i} is malformed")
-        for name, number in _CLAIM_FIELDS:
-            value = getattr(claim, name, None)
-            if not isinstance(value, str):
-                raise GRPCError(
-                    Status.INVALID_ARGUMENT,
-                    f"{method}: claim #{i}: field {name} ({number}) must be a string, "
-                    f"got {type(value).__name__}",
-                )
-        if not claim.uid:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"{method}: claim #{i} ({clip(claim.namespace)}/{clip(claim.name)}) "
-                "has an empty uid",
-            )
-        refs.setdefault(claim.uid, ClaimRef(claim.namespace, claim.uid, claim.name))
-    return list(refs.values())
-
-
-def _prepare_response(
-    api: Any, claims: list[ClaimRef], results: Mapping[str, PrepareResult], shares: bool
-) -> Any:
-    """The wire answer to NodePrepareResources: the one place results become messages.
-
-    `shares`: the API version's Device has `share_id` (DRA v1, not v1beta1).
-    """
-    device_type, answer_type = api.Device, api.NodePrepareResourceResponse
-    out: dict[str, Any] = {}
-    for claim in claims:
-        result = results.get(claim.uid)
-        if result is None:
-            out[claim.uid] = answer_type(error=_missing(claim))
-        elif result.error:
-            out[claim.uid] = answer_type(error=result.error)
-        else:
-            out[claim.uid] = answer_type(
-                devices=[
-                    device_type(
-                        request_names=list(d.request_names),
-                        pool_name=d.pool_name,
-                        device_name=d.device_name,
-                        cdi_device_ids=list(d.cdi_device_ids),
-                        **({"share_id": d.share_id} if shares and d.share_id else {}),
-                    )
-                    for d in result.devices
-                ]
-            )
-    return api.NodePrepareResourcesResponse(claims=out)
-
-
-def _unprepare_response(api: Any, claims: list[ClaimRef], errors: Mapping[str, str]) -> Any:
-    """The wire answer to NodeUnprepareResources."""
-    answer_type = api.NodeUnprepareResourceResponse
-    out: dict[str, Any] = {}
-    for claim in claims:
-        error = errors.get(claim.uid)
-        out[claim.uid] = answer_type(error=_missing(claim) if error is None else error)
-    return api.NodeUnprepareResourcesResponse(claims=out)
-
-
-def _missing(claim: ClaimRef) -> str:
-    return f"claim {claim} ({claim.uid}): the plugin returned no result (plugin bug)"
-
-
-class _DraService:
-    """NodePrepareResources / NodeUnprepareResources for one DRA API version."""
-
-    def __init__(self, api: Any, backend: DraBackend) -> None:
-        self._api = api
-        self._backend = backend
-        self._shares = "share_id" in api.Device.__dataclass_fields__  # DRA v1, not v1beta1
-
-    async def node_prepare_resources(self, request: Any, budget: float) -> Any:
-        claims = _claim_refs("NodePrepareResources", self._api, request.claims)
-        results = await self._backend.prepare_claims(claims, budget=budget) if claims else {}
-        return _prepare_response(self._api, claims, results, self._shares)
-
-    async def node_unprepare_resources(self, request: Any, budget: float) -> Any:
-        claims = _claim_refs("NodeUnprepareResources", self._api, request.claims)
-        errors = await self._backend.unprepare_claims(claims, budget=budget) if claims else {}
-        return _unprepare_response(self._api, claims, errors)
-
-
-class _HealthService:
-    """NodeWatchResources for one health API version: the full device list
-    on connect, on every change, and at least every `resend_interval` seconds.
-
-    The periodic resend matters: the kubelet stamps each device with the time
-    it received the list and turns it "Unknown" once that is older than
-    health_check_timeout_seconds (30 s when unset), so a list sent only on
-    change would go stale on a healthy node.
-    """
-
-    def __init__(
-        self,
-        api: Any,
-        backend: DraBackend,
-        lifecycle: _Lifecycle,
-        resend_interval: float,
-        check_timeout: int,
-    ) -> None:
-        self._api = api
-        self._backend = backend
-        self._lifecycle = lifecycle
-        self._resend_interval = resend_interval
-        self._check_timeout = check_timeout
-
-    def _response(self, devices: list[DeviceHealth]) -> Any:
-        api = self._api
-        now = int(time.time())
-        return api.NodeWatchResourcesResponse(
-            devices=[
-                api.DeviceHealth(
-                    device=api.DeviceIdentifier(pool_name=d.pool_name, device_name=d.device_name),
-                    health=(
-                        api.HealthStatus.UNKNOWN
-                        if d.healthy is None
-                        else api.HealthStatus.HEALTHY
-                        if d.healthy
-                        else api.HealthStatus.UNHEALTHY
-                    ),
-                    last_updated_time=now,
-                    health_check_timeout_seconds=self._check_timeout,
-                    message=d.message,
-                )
-                for d in devices
-            ]
-        )
-
-    async def node_watch_resources(self, request: Any, send: Send) -> None:
-        # Returning ends the stream with status OK, which the kubelet takes
-        # as a clean end (it reconnects every 5 s while we are registered).
-        while not self._lifecycle.stopping:
-            changed = self._backend.health_changed()
-            await send(self._response(self._backend.device_health()))
-            with self._lifecycle.interruptible(self._resend_interval):
-                await changed.wait()
-                # Coalesce bursts of changes (and bound a backend whose
-                # signal never resets) to one list per MIN_HEALTH_INTERVAL.
-                await anyio.sleep(MIN_HEALTH_INTERVAL)
-
-
 # A refusal with the same reason is logged as an error at most this often
 # (anything that can reach the socket can send NotifyRegistrationStatus).
 REFUSAL_LOG_INTERVAL = 60.0
@@ -351,7 +128,8 @@ class _RegistrationService:
         self.state = RegistrationState()
         self._last_refusal: tuple[str, float] | None = None  # (reason, when logged)
         self._refusals_not_logged = 0
-        self.info_answered = anyio.Event()
+        # asyncio's: an anyio one would import anyio's backend before the socket serves.
+        self.info_answered = asyncio.Event()
 
     async def get_info(self, request: Any, budget: float) -> Any:
         self.info_answered.set()
@@ -367,7 +145,7 @@ class _RegistrationService:
         if request.plugin_registered:
             log.info("kubelet registered DRA driver %s at %s", self._driver_name, self._endpoint)
         else:
-            self._log_refusal(clip(request.error or "no reason given", 500))
+            self._log_refusal(clip_message(request.error or "no reason given", 500))
         return registration_api.RegistrationStatusResponse()
 
     def _log_refusal(self, reason: str) -> None:
@@ -386,204 +164,6 @@ class _RegistrationService:
         )
         self._last_refusal = (reason, now)
         self._refusals_not_logged = 0
-
-
-# --- grpclib plumbing ------------------------------------------------------------
-
-
-def _snake_case(method: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in method).lstrip("_")
-
-
-def _status_for(method: str, exc: Exception) -> Any:
-    if isinstance(exc, GRPCError):
-        if exc.message is not None and len(exc.message) > MAX_STATUS_MESSAGE:
-            return GRPCError(exc.status, clip(exc.message, MAX_STATUS_MESSAGE))
-        return exc
-    status = Status.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else Status.INTERNAL
-    log.error("%s failed", method, exc_info=exc)
-    return GRPCError(status, clip(f"{method}: {type(exc).__name__}: {exc}", MAX_STATUS_MESSAGE))
-
-
-async def _recv_message(method: str, stream: Any) -> Any:
-    """grpclib's `Stream.recv_message`, refusing a message over MAX_REQUEST_MESSAGE
-    from its length prefix: grpclib has no receive limit and would buffer and
-    decode any size. Flow control then holds the unread rest at most one
-    HTTP/2 window (4 MiB) per stream, until the stream ends.
-
-    Uses grpclib 0.4 internals (pinned in constraints.txt): the protocol
-    stream's `recv_data`, the codec and the request type.
-    """
-    inner = stream._stream
-    meta = await inner.recv_data(5)
-    if not meta:
-        return None
-    if len(meta) != 5:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: message prefix cut short")
-    compressed, size = struct.unpack(">?I", meta)
-    if compressed:
-        raise GRPCError(Status.UNIMPLEMENTED, f"{method}: compressed messages are not supported")
-    if size > MAX_REQUEST_MESSAGE:
-        raise GRPCError(
-            Status.RESOURCE_EXHAUSTED,
-            f"{method}: request message of {size} bytes is larger than the limit of "
-            f"{MAX_REQUEST_MESSAGE} bytes (the kubelet's own); refused without reading it",
-        )
-    data = await inner.recv_data(size)
-    if len(data) != size:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: message shorter than its prefix")
-    message = stream._codec.decode(data, stream._recv_type)
-    (message,) = await stream._dispatch.recv_message(message)
-    return message
-
-
-def _call_budget(stream: Any) -> float:
-    """Seconds this call may take: its gRPC deadline minus a margin, at most MAX_CALL_BUDGET."""
-    deadline = getattr(stream, "deadline", None)
-    if deadline is None:
-        return MAX_CALL_BUDGET
-    remaining = float(deadline.time_remaining())
-    margin = max(MIN_DEADLINE_MARGIN, remaining * 0.05)
-    return max(0.0, min(MAX_CALL_BUDGET, remaining - margin))
-
-
-async def _recv_request(method: str, stream: Any) -> Any:
-    try:
-        request = await _recv_message(method, stream)
-    except (GRPCError, StreamTerminatedError, ProtocolError):
-        raise
-    except Exception as exc:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT,
-            f"{method}: cannot decode request: {type(exc).__name__}: {clip(str(exc), 500)}",
-        ) from exc
-    if request is None:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{method}: request has no message")
-    return request
-
-
-Send = Callable[[Any], Awaitable[None]]
-
-
-class _Lifecycle:
-    """Calls in flight on one server, and the shutdown signal for streams."""
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self._active = 0
-        self._idle: anyio.Event | None = None  # made by wait_idle, set by the last call
-        self._waits: set[anyio.CancelScope] = set()
-
-    def enter(self) -> None:
-        """A call starts (pair with `leave` in a `finally`)."""
-        self._active += 1
-
-    def leave(self) -> None:
-        self._active -= 1
-        if self._active == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
-
-    @contextmanager
-    def interruptible(self, timeout: float) -> Iterator[None]:
-        """A wait of at most `timeout` seconds that shutdown cuts short."""
-        with anyio.move_on_after(timeout) as scope:
-            if self.stopping:
-                scope.cancel()
-            self._waits.add(scope)
-            try:
-                yield
-            finally:
-                self._waits.discard(scope)
-
-    def stop(self) -> None:
-        self.stopping = True
-        for scope in self._waits:
-            scope.cancel()
-
-    async def wait_idle(self) -> None:
-        while self._active:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
-
-
-def _unary_handler(
-    method: str, impl: Callable[[Any, float], Awaitable[Any]], lifecycle: _Lifecycle
-) -> Callable[[Any], Awaitable[None]]:
-    async def handle(stream: Any) -> None:
-        lifecycle.enter()
-        try:
-            request = await _recv_request(method, stream)
-            try:
-                reply = await impl(request, _call_budget(stream))
-            except Exception as exc:
-                raise _status_for(method, exc) from exc
-            await stream.send_message(reply)
-        finally:
-            lifecycle.leave()
-
-    return handle
-
-
-def _server_stream_handler(
-    method: str, impl: Callable[[Any, Send], Awaitable[None]], lifecycle: _Lifecycle
-) -> Callable[[Any], Awaitable[None]]:
-    async def handle(stream: Any) -> None:
-        lifecycle.enter()
-        try:
-            request = await _recv_request(method, stream)
-            try:
-                await impl(request, stream.send_message)
-            except (StreamTerminatedError, ProtocolError):
-                raise
-            except Exception as exc:
-                raise _status_for(method, exc) from exc
-        finally:
-            lifecycle.leave()
-
-    return handle
-
-
-class _Servable:
-    """A grpclib service: method paths and message types from the generated
-    code, implementations from `impl` (methods named in snake case; server
-    streams get a `send` callback)."""
-
-    def __init__(self, generated_base: Any, impl: object, lifecycle: _Lifecycle) -> None:
-        self._mapping: dict[str, Any] = {}
-        for path, handler in generated_base().__mapping__().items():
-            method = path.rsplit("/", 1)[1]
-            func = getattr(impl, _snake_case(method))
-            if handler.cardinality is Cardinality.UNARY_UNARY:
-                wrapped = _unary_handler(method, func, lifecycle)
-            elif handler.cardinality is Cardinality.UNARY_STREAM:
-                wrapped = _server_stream_handler(method, func, lifecycle)
-            else:
-                raise TypeError(f"{path}: {handler.cardinality} is not supported")
-            self._mapping[path] = Handler(
-                wrapped, handler.cardinality, handler.request_type, handler.reply_type
-            )
-
-    def __mapping__(self) -> Mapping[str, Any]:
-        return self._mapping
-
-
-def _dra_services(
-    backend: DraBackend,
-    lifecycle: _Lifecycle,
-    health_resend_interval: float,
-    health_check_timeout: int,
-) -> list[_Servable]:
-    """All services of the DRA socket: DRA v1 and v1beta1, health v1alpha1, v1beta1, v1."""
-    services = [
-        _Servable(dra_v1.DraPluginBase, _DraService(dra_v1, backend), lifecycle),
-        _Servable(dra_v1beta1.DraPluginBase, _DraService(dra_v1beta1, backend), lifecycle),
-    ]
-    for api in (health_v1alpha1, health_v1beta1, health_v1):
-        impl = _HealthService(api, backend, lifecycle, health_resend_interval, health_check_timeout)
-        services.append(_Servable(api.DraResourceHealthBase, impl, lifecycle))
-    return services
 
 
 # --- sockets -------------------------------------------------------------------
@@ -703,21 +283,29 @@ class _TrackedProtocol(asyncio.Protocol):
 
 
 class _UnixServer:
-    """A started grpclib server on one unix socket, removed again at close."""
+    """A grpclib server on one unix socket, removed again at close.
 
-    def __init__(self, path: Path, services: list[Any], lifecycle: _Lifecycle) -> None:
+    `bind` creates the listening socket; `serve` starts answering on it.
+    Connections made in between wait in the socket's backlog.
+    """
+
+    def __init__(self, path: Path, lifecycle: CallLifecycle) -> None:
         self.path = path
-        self._services = services
         self._lifecycle = lifecycle
+        self._sock: socket.socket | None = None
         self._server: Any = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[asyncio.BaseTransport] = set()
 
-    async def start(self) -> None:
-        sock = listen_unix(self.path)
+    def bind(self) -> None:
+        self._sock = listen_unix(self.path)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
-        server = Server(self._services)
+
+    async def serve(self, services: list[Any]) -> None:
+        sock, self._sock = self._sock, None
+        assert sock is not None, "bind() first"
+        server = Server(services)
         # grpclib (0.4) creates one protocol per connection with this method.
         grpclib_protocol = server._protocol_factory
         server._protocol_factory = lambda: _TrackedProtocol(grpclib_protocol(), self._connections)
@@ -747,6 +335,9 @@ class _UnixServer:
         # The socket file goes first: the kubelet deregisters when it
         # disappears, and no new connection can reach us.
         self._remove_socket()
+        if self._sock is not None:  # bound, never served
+            self._sock.close()
+            self._sock = None
         server, self._server = self._server, None
         if server is None:
             return
@@ -769,13 +360,17 @@ class PluginServers:
         async with PluginServers(backend, driver_name=..., sockets=...) as servers:
             await stop.wait()
 
-    The DRA socket starts first so that it answers once the kubelet learns
-    its path; at exit the registration socket goes first, then the DRA one.
+    Or, to let the kubelet register the plugin while it still loads, without a
+    backend first and `await servers.serve_dra(backend)` once it is ready.
+
+    The DRA socket is bound first, so it accepts connections once the
+    kubelet learns its path; at exit the registration socket goes first,
+    then the DRA one.
     """
 
     def __init__(
         self,
-        backend: DraBackend,
+        backend: DraBackend | None,
         *,
         driver_name: str,
         sockets: SocketPaths,
@@ -787,23 +382,17 @@ class PluginServers:
             # The kubelet connects to exactly the path GetInfo names.
             raise ValueError(f"DRA socket path {sockets.dra} must be absolute")
         self.sockets = sockets
+        self._backend = backend
         self._registration = _RegistrationService(driver_name, sockets.dra)
-        dra_lifecycle = _Lifecycle()
-        self._dra = _UnixServer(
-            sockets.dra,
-            _dra_services(backend, dra_lifecycle, health_resend_interval, health_check_timeout),
-            dra_lifecycle,
-        )
-        reg_lifecycle = _Lifecycle()
-        self._reg = _UnixServer(
-            sockets.registration,
-            [_Servable(registration_api.RegistrationBase, self._registration, reg_lifecycle)],
-            reg_lifecycle,
-        )
+        self._dra_lifecycle = CallLifecycle()
+        self._dra = _UnixServer(sockets.dra, self._dra_lifecycle)
+        self._reg_lifecycle = CallLifecycle()
+        self._reg = _UnixServer(sockets.registration, self._reg_lifecycle)
+        self._health = (health_resend_interval, health_check_timeout)
         self._grace = shutdown_grace
 
     @property
-    def info_answered(self) -> anyio.Event:
+    def info_answered(self) -> asyncio.Event:
         """Set once GetInfo was answered (the kubelet found us)."""
         return self._registration.info_answered
 
@@ -813,13 +402,38 @@ class PluginServers:
         return self._registration.state
 
     async def start(self) -> None:
-        """Create both sockets (replacing stale ones) and start serving."""
-        await self._dra.start()
+        """Create both sockets (replacing stale ones) and serve registration, and the
+        DRA services when the backend was given."""
+        # Why the DRA socket is bound before GetInfo can name it, even while its
+        # services still load: the kubelet connects to the endpoint right after
+        # registering (kubelets from 1.33 watch that connection and treat a refused
+        # one as a plugin gone, health streams retry only every 5 s). A connection
+        # made early waits in the socket's backlog and its calls wait, within their
+        # own deadlines, for `serve_dra`. Holding GetInfo back instead until the
+        # driver is loaded would spend the kubelet's 1 s GetInfo timeout on it.
+        self._dra.bind()
         try:
-            await self._reg.start()
+            if self._backend is not None:
+                await self.serve_dra(self._backend)
+            self._reg.bind()
+            await self._reg.serve(
+                [
+                    Servable(
+                        registration_api.RegistrationBase, self._registration, self._reg_lifecycle
+                    )
+                ]
+            )
         except BaseException:
             await self._dra.close(self._grace)
             raise
+
+    async def serve_dra(self, backend: DraBackend) -> None:
+        """Start answering on the DRA socket (bound by `start`), calls going to `backend`."""
+        from .dra_service import dra_services  # the DRA messages: imported only now
+
+        self._backend = backend
+        resend, timeout = self._health
+        await self._dra.serve(dra_services(backend, self._dra_lifecycle, resend, timeout))
 
     async def close(self) -> None:
         """Remove both sockets, end health streams, give running calls the

@@ -11,22 +11,18 @@ the API connection is up (prepare waits for it), discovery is a few file reads.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import anyio
 import orjson
 
-from controller.nx.names import DRIVER_NAME
+from controller.nx.names import DRIVER_NAME, SLICE_API_VERSIONS
 from controller.process.flags import add_common_flags, add_flag, parse_duration
 from controller.process.logs import setup_logging
-from kubeletplugin.slices import API_VERSIONS, build_pool_slices
-
-from .devices import build_devices
-from .node_discovery import device_options, discover_node
 
 log = logging.getLogger("kubeletplugin")
 
@@ -91,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         None,
         "v1",
         "resource.k8s.io version of the printed slices",
-        choices=list(API_VERSIONS),
+        choices=list(SLICE_API_VERSIONS),
     )
     _add_state_flags(inspect)
     return parser
@@ -166,13 +162,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def inspect(args: argparse.Namespace) -> int:
     """Print the inventory, the slices the plugin would publish and what its state
     file and CDI directory hold (claims, and what is left of IBM's driver), as JSON."""
+    # Imported here: `run` serves the kubelet's registration socket before loading them.
+    from kubeletplugin.slices import build_pool_slices
+
+    from .checkpoint import CHECKPOINT_FILE_NAME, describe_state
+    from .devices import build_devices
+    from .node_discovery import device_options, discover_node
+
     inventory = discover_node(args)
     devices = build_devices(inventory, device_options(args))
     slices = build_pool_slices(
         DRIVER_NAME, args.node_name, None, devices, generation=1, api_version=args.api_version
     )
-    from .checkpoint import CHECKPOINT_FILE_NAME, describe_state
-
     state = describe_state(
         Path(args.kubelet_plugins_directory_path) / DRIVER_NAME / CHECKPOINT_FILE_NAME,
         Path(args.cdi_root),
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("power-dra-kubeletplugin: --node-name (or NODE_NAME) is required")
         from .plugin import run_plugin  # the serving half: imported only to serve
 
-        anyio.run(run_plugin, args)
+        asyncio.run(run_plugin(args))
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         sys.exit(2)

@@ -1,10 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """The serving half of the plugin: gRPC for the kubelet, slice publishing,
-rediscovery, health, metrics; one task group, cancelled on SIGTERM/SIGINT."""
+rediscovery, health, metrics; one task group, cancelled on SIGTERM/SIGINT.
+
+Start order: the registration socket serves first, with only asyncio, grpclib
+and the registration messages imported (the DRA socket is bound then too);
+the driver, its state and the DRA services load in a worker thread while
+the kubelet registers us, then the HTTP stack and the API connection.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import gc
 import importlib
@@ -12,32 +19,35 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from controller.nx.names import DEVICE_PATH, DRIVER_NAME
-from kubeletplugin.slices import Device
 
-from .devices import build_devices
-from .discovery import Inventory
-from .driver import DriverPaths, NxDriver
 from .grpc_service import DeviceHealth, PluginServers, SocketPaths
-from .node_discovery import device_options, discover_node
 
 if TYPE_CHECKING:
     from controller.process.metrics import CollectorRegistry, Metric
+    from kubeletplugin.slices import Device
 
+    from .discovery import Inventory
+    from .driver import NxDriver
     from .publisher import SlicePublisher
 
 log = logging.getLogger("kubeletplugin")
+
+T = TypeVar("T")
 
 
 class NodeView:
     """What the node offers now: the publisher's view once it runs, discovery's before."""
 
     def __init__(self, node_name: str, inventory: Inventory, args: argparse.Namespace) -> None:
+        from .node_discovery import device_options  # loaded after the registration socket
+
         self.node_name = node_name
         self._inventory = inventory
         self._options = device_options(args)
@@ -53,6 +63,8 @@ class NodeView:
     def devices(self) -> list[Device]:
         if self.publisher is not None:
             return self.publisher.devices
+        from .devices import build_devices
+
         return build_devices(self._inventory, self._options)
 
 
@@ -94,12 +106,87 @@ def device_health(view: NodeView) -> list[DeviceHealth]:
 async def run_plugin(args: argparse.Namespace) -> None:
     """Run until SIGTERM/SIGINT.
 
-    The kubelet's sockets come up first (a few file reads after start); the
-    HTTP stack and the API connection follow while the kubelet registers us.
+    The kubelet's registration socket comes up first (nothing but asyncio,
+    grpclib and the registration messages imported); the driver and its state
+    load while the kubelet registers us, then the DRA socket answers; the
+    HTTP stack and the API connection follow.
     """
     started = time.monotonic()
-    view = NodeView(args.node_name, discover_node(args), args)
     plugin_dir = Path(args.kubelet_plugins_directory_path) / DRIVER_NAME
+    _make_socket_dirs(Path(args.kubelet_registrar_directory_path), plugin_dir)
+    sockets = SocketPaths.for_driver(
+        DRIVER_NAME,
+        registry_dir=Path(args.kubelet_registrar_directory_path),
+        plugin_data_dir=plugin_dir,
+        pod_uid=args.pod_uid,
+    )
+    async with PluginServers(None, driver_name=DRIVER_NAME, sockets=sockets) as servers:
+        log.info(
+            "registration socket serving",
+            extra={
+                "registrationSocket": str(sockets.registration),
+                "startupSeconds": round(time.monotonic() - started, 3),
+            },
+        )
+        view, driver = await _load_driver(args, plugin_dir)
+        # Prepare and unprepare are served only now, after the start-up repair.
+        await servers.serve_dra(driver)
+        # Start-up objects (modules, generated protobuf classes) live for the whole
+        # run: moving them out of the collector's view keeps full collections short,
+        # which is what shows up in prepare tail latency.
+        gc.freeze()
+        log.info(
+            "serving the kubelet",
+            extra={
+                "registrationSocket": str(sockets.registration),
+                "draSocket": str(sockets.dra),
+                "startupSeconds": round(time.monotonic() - started, 3),
+            },
+        )
+        # The kubelet asks GetInfo (1 s timeout) as soon as the socket appears: let
+        # it be answered before the imports below compete for the interpreter.
+        with anyio.move_on_after(GET_INFO_HEAD_START):
+            await servers.info_answered.wait()
+        await _serve_cluster_side(args, view, driver, sockets)
+    # The sockets are gone: leave the state in the format the previous release reads.
+    await anyio.to_thread.run_sync(driver.close_state)
+    log.info("stopped")
+
+
+def _make_socket_dirs(registry_dir: Path, plugin_dir: Path) -> None:
+    # The kubelet creates its registry dir when it starts; do not depend on the order.
+    # On the event loop: nothing waits for it yet, and anyio's worker thread would
+    # import anyio's backend first.
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    plugin_dir.mkdir(parents=True, exist_ok=True)  # the DRA socket's directory
+
+
+# Imported in a worker thread once the registration socket serves: anyio's
+# event-loop backend first (~20 ms; anyio is used from here on), then the
+# driver, its state and the DRA services.
+DRIVER_SIDE_MODULES = (
+    "anyio._backends._asyncio",
+    "kubeletplugin.node_discovery",
+    "kubeletplugin.devices",
+    "kubeletplugin.driver",
+    "kubeletplugin.dra_service",
+)
+
+
+def _discover_in_thread(args: argparse.Namespace) -> Inventory:
+    _import_cluster_side(DRIVER_SIDE_MODULES)
+    from .node_discovery import discover_node
+
+    return discover_node(args)
+
+
+async def _load_driver(args: argparse.Namespace, plugin_dir: Path) -> tuple[NodeView, NxDriver]:
+    """Import the driver side and discover the node (in a worker thread, the event
+    loop answering the kubelet meanwhile), then repair the state."""
+    inventory = await _in_import_thread(_discover_in_thread, args)
+    from .driver import DriverPaths, NxDriver
+
+    view = NodeView(args.node_name, inventory, args)
     # --host-dev-root is where this container sees the host's /dev; the CDI spec is
     # read by the container runtime on the host, so it names the host path itself.
     paths = DriverPaths(
@@ -117,35 +204,7 @@ async def run_plugin(args: argparse.Namespace) -> None:
     repairs = await anyio.to_thread.run_sync(driver.load_state)
     if repairs:
         log.info("state repaired at start", extra={"repairs": len(repairs)})
-    # The kubelet creates its registry dir when it starts; do not depend on the order.
-    await anyio.Path(args.kubelet_registrar_directory_path).mkdir(parents=True, exist_ok=True)
-    sockets = SocketPaths.for_driver(
-        DRIVER_NAME,
-        registry_dir=Path(args.kubelet_registrar_directory_path),
-        plugin_data_dir=plugin_dir,
-        pod_uid=args.pod_uid,
-    )
-    # Start-up objects (modules, generated protobuf classes) live for the whole run:
-    # moving them out of the collector's view keeps full collections short, which
-    # is what shows up in prepare tail latency.
-    gc.freeze()
-    async with PluginServers(driver, driver_name=DRIVER_NAME, sockets=sockets) as servers:
-        log.info(
-            "serving the kubelet",
-            extra={
-                "registrationSocket": str(sockets.registration),
-                "draSocket": str(sockets.dra),
-                "startupSeconds": round(time.monotonic() - started, 3),
-            },
-        )
-        # The kubelet asks GetInfo (1 s timeout) as soon as the socket appears: let
-        # it be answered before the imports below compete for the interpreter.
-        with anyio.move_on_after(GET_INFO_HEAD_START):
-            await servers.info_answered.wait()
-        await _serve_cluster_side(args, view, driver, sockets)
-    # The sockets are gone: leave the state in the format the previous release reads.
-    await anyio.to_thread.run_sync(driver.close_state)
-    log.info("stopped")
+    return view, driver
 
 
 CLUSTER_SIDE_MODULES = (
@@ -167,8 +226,8 @@ IMPORT_SWITCH_INTERVAL = 0.0005
 
 
 def _import_cluster_side(modules: tuple[str, ...]) -> None:
-    """Import the API layer, the publisher and the gRPC client (a worker thread's job:
-    ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
+    """Import `modules` (a worker thread's job: the driver side's ~0.1 s and the
+    cluster side's ~0.4 s of imports on the event loop would stall the kubelet's GetInfo)."""
     default = sys.getswitchinterval()
     sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
     try:
@@ -178,27 +237,36 @@ def _import_cluster_side(modules: tuple[str, ...]) -> None:
         sys.setswitchinterval(default)
 
 
-async def _serve_cluster_side(
-    args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
-) -> None:
-    # The import thread holds the GIL for up to the switch interval (5 ms) each
-    # time the event loop wants it: the kubelet's GetInfo, which needs the loop a
-    # few dozen times, would wait ~0.2 s. A short interval while importing.
+async def _in_import_thread(func: Callable[[Any], T], arg: Any) -> T:
+    """`func(arg)` in a worker thread that imports, the event loop answering meanwhile.
+
+    The import thread holds the GIL for up to the switch interval (5 ms) each
+    time the event loop wants it: the kubelet's GetInfo, which needs the loop a
+    few dozen times, would wait ~0.2 s. A short interval while importing.
+    (asyncio's thread, not anyio's: its backend may not be imported yet.)
+    """
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)
     try:
-        # A kubeconfig file (out of cluster) is YAML: its parser is imported only
-        # then, and here rather than on the event loop that reads the file.
-        modules = CLUSTER_SIDE_MODULES + (("yaml",) if args.kubeconfig else ())
-        await anyio.to_thread.run_sync(_import_cluster_side, modules)
+        return await asyncio.to_thread(func, arg)
     finally:
         sys.setswitchinterval(interval)
+
+
+async def _serve_cluster_side(
+    args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
+) -> None:
+    # A kubeconfig file (out of cluster) is YAML: its parser is imported only
+    # then, and here rather than on the event loop that reads the file.
+    modules = CLUSTER_SIDE_MODULES + (("yaml",) if args.kubeconfig else ())
+    await _in_import_thread(_import_cluster_side, modules)
     # Already imported: these are dictionary lookups now.
     from controller.kube.client import ApiClient
     from controller.kube.kubeconfig import load_cluster_config
     from controller.process.http_server import serve_http
     from controller.process.metrics import new_registry
 
+    from .node_discovery import device_options
     from .publisher import SlicePublisher
     from .self_probe import SelfProbe
 
@@ -258,6 +326,8 @@ def forget_devices_of_old_mode(view: NodeView, driver: NxDriver) -> None:
 
 
 def _rediscover(args: argparse.Namespace, publisher: SlicePublisher, driver: NxDriver) -> None:
+    from .node_discovery import discover_node
+
     if publisher.update_inventory(discover_node(args, publisher.inventory.warnings)):
         driver.notify_health_changed()
 

@@ -34,13 +34,13 @@ from typing import Any
 from controller.kube.quantity import parse_quantity
 from controller.kube.resources import RESOURCE_GROUP
 from controller.kube.validation import is_c_identifier, is_dns_label, is_dns_subdomain
-from controller.nx.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from controller.nx.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE, SLICE_API_VERSIONS
 
 # Kubernetes objects travel as plain JSON dicts.
 JsonObject = dict[str, Any]
 
 
-API_VERSIONS = ("v1", "v1beta2", "v1beta1")
+API_VERSIONS = SLICE_API_VERSIONS
 SLICE_LABELS: Mapping[str, str] = MappingProxyType({MANAGED_BY_LABEL: MANAGED_BY_VALUE})
 # Upper bound the API server enforces on devices per slice (ResourceSliceMaxDevices;
 # 64 once taints, counters or list attributes are used, none of which we publish).

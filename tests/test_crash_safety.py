@@ -159,7 +159,8 @@ def socket_inode(path: Path) -> int | None:
 
 
 def start_serving(plugin: PluginProcess) -> None:
-    """Start the plugin and wait until its (new) registration socket answers."""
+    """Start the plugin and wait until its (new) registration socket answers, then
+    until its DRA socket does (only after the start-up repair of its state)."""
     stale = socket_inode(plugin.registration_socket)
     plugin.start(wait=False)
 
@@ -174,6 +175,7 @@ def start_serving(plugin: PluginProcess) -> None:
         return True
 
     plugin.wait_for(serving, START_TIMEOUT, "fresh registration socket answering GetInfo")
+    plugin.wait_for_dra(START_TIMEOUT)
 
 
 def kill(plugin: PluginProcess) -> None:

@@ -29,11 +29,10 @@ import anyio
 import grpc
 import pytest
 
-from kubeletplugin.claims import PreparedDevice
+from kubeletplugin.claims import ClaimRef, PreparedDevice
+from kubeletplugin.dra_service import MIN_HEALTH_INTERVAL
 from kubeletplugin.grpc_service import (
-    MIN_HEALTH_INTERVAL,
     ChangeSignal,
-    ClaimRef,
     DeviceHealth,
     PluginServers,
     SocketPaths,

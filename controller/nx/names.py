@@ -13,3 +13,7 @@ MANAGED_BY_VALUE = "power-dra-driver"
 DEVICE_PATH = "/dev/crypto/nx-gzip"
 # The consumable capacity of our devices: NX-gzip (VAS) credits.
 CREDITS_CAPACITY = "credits"
+# The resource.k8s.io versions whose ResourceSlice the plugin can write (newest first);
+# here rather than in kubeletplugin.slices: the plugin's command line names them
+# before the serving process loads that module.
+SLICE_API_VERSIONS = ("v1", "v1beta2", "v1beta1")

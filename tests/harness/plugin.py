@@ -55,6 +55,7 @@ class PluginProcess:
         self.env = env
         self.metrics_port = 0
         self.process: Process | None = None
+        self._log_start = 0  # where this run's lines begin in the log file
         for d in (self.registry_dir, self.plugins_dir, self.cdi_root):
             d.mkdir(parents=True, exist_ok=True)
         if make_tree and not self.sysfs_root.exists():
@@ -95,14 +96,30 @@ class PluginProcess:
         ]
 
     def start(self, wait: bool = True) -> PluginProcess:
-        """Start the process; with `wait`, until the DRA socket exists."""
+        """Start the process; with `wait`, until the DRA socket answers."""
         self.metrics_port = free_port()
         env = {**os.environ, **(self.env or {})}
         name = f"plugin-{self.node_name}{'-' + self.pod_uid if self.pod_uid else ''}"
+        log_path = self.workdir / f"{name}.log"  # appended to by every run
+        self._log_start = log_path.stat().st_size if log_path.exists() else 0
         self.process = Process(name, self.argv(), self.workdir, env=env)
         if wait:
             self.wait_for(self.registration_socket.exists, 15, "registration socket")
+            self.wait_for_dra(15)
         return self
+
+    def wait_for_dra(self, timeout: float) -> None:
+        """Until this run serves its DRA socket (its "serving the kubelet" log line).
+        Registration answers while the plugin still loads; DRA calls are served
+        after its start-up repair."""
+
+        def serving() -> bool:
+            assert self.process is not None
+            with self.process.log_path.open("rb") as f:
+                f.seek(self._log_start)
+                return b'"msg":"serving the kubelet"' in f.read()
+
+        self.wait_for(serving, timeout, "DRA socket serving")
 
     def wait_for(self, pred: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
