@@ -331,6 +331,7 @@ def time_startup(
     being visible."""
     # In a pod the plugin reads its service account and loads no YAML parser; a
     # kubeconfig in JSON keeps that true here (a YAML one would add ~0.9 MiB).
+    workdir.mkdir(parents=True, exist_ok=True)
     kubeconfig = workdir / "plugin-kubeconfig.json"
     kubeconfig.write_text(json.dumps(yaml.safe_load(Path(cp.kubeconfig).read_text())))
     kubeconfig.chmod(0o600)
