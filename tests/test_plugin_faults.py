@@ -211,6 +211,8 @@ def test_a_plugin_restarted_while_the_api_server_is_down_prepares_known_claims(
         TIMEOUT,
         "a fresh registration socket answering GetInfo",
     )
+    # Registration answers while the plugin still loads; DRA serves after its repair.
+    plugin.wait_for_dra(TIMEOUT)
     with DraClient(plugin.dra_socket) as client:
         answers = client.prepare([known, new], timeout=SHORT_DEADLINE)
     assert answers[known.uid] == first
