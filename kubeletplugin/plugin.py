@@ -16,7 +16,6 @@ import functools
 import gc
 import importlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -254,27 +253,20 @@ async def _in_import_thread(func: Callable[[Any], T], arg: Any) -> T:
         sys.setswitchinterval(interval)
 
 
-def _yaml_kubeconfig(kubeconfig: str | None) -> bool:
-    """Whether the kubeconfig file given is YAML (a JSON one is read without the YAML
-    parser; none, in a pod, means the service account)."""
-    if not kubeconfig:
-        return False
-    path = Path(kubeconfig.split(os.pathsep, maxsplit=1)[0]).expanduser()
-    try:
-        with path.open("rb") as f:
-            head = f.read(256)
-    except OSError:
-        return False  # load_cluster_config reports it, naming the file
-    return not head.lstrip().startswith(b"{")
+def _import_cluster_side_for(kubeconfig: str | None) -> None:
+    """The cluster side's modules, and the YAML parser when the kubeconfig file given
+    is YAML (imported here rather than on the event loop that reads the file)."""
+    _import_cluster_side(CLUSTER_SIDE_MODULES)
+    from controller.kube.kubeconfig import needs_yaml_parser
+
+    if needs_yaml_parser(kubeconfig):
+        _import_cluster_side(("yaml",))
 
 
 async def _serve_cluster_side(
     args: argparse.Namespace, view: NodeView, driver: NxDriver, sockets: SocketPaths
 ) -> None:
-    # A kubeconfig file in YAML (out of cluster) needs the YAML parser: imported
-    # only then, and here rather than on the event loop that reads the file.
-    modules = CLUSTER_SIDE_MODULES + (("yaml",) if _yaml_kubeconfig(args.kubeconfig) else ())
-    await _in_import_thread(_import_cluster_side, modules)
+    await _in_import_thread(_import_cluster_side_for, args.kubeconfig)
     # Already imported: these are dictionary lookups now.
     from controller.kube.client import ApiClient
     from controller.kube.kubeconfig import load_cluster_config

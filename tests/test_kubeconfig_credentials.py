@@ -26,6 +26,7 @@ from controller.kube.kubeconfig import (
     EXEC_EXPIRY_MARGIN,
     ConfigError,
     load_cluster_config,
+    needs_yaml_parser,
     parse_exec_credential,
 )
 from tests.harness.cluster import ControlPlane
@@ -229,3 +230,15 @@ async def test_a_broken_json_kubeconfig_is_named_with_the_parser_error(tmp_path:
     broken.write_text('{"apiVersion": "v1", "clusters": [')
     with pytest.raises(ConfigError, match=rf"kubeconfig {broken} is not valid YAML"):
         await load_cluster_config(str(broken))
+
+
+def test_only_a_yaml_kubeconfig_needs_the_yaml_parser(tmp_path: Path) -> None:
+    as_yaml = tmp_path / "kubeconfig.yaml"
+    as_yaml.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config"}))
+    as_json = tmp_path / "kubeconfig.json"
+    as_json.write_text('\n  {"apiVersion": "v1", "kind": "Config"}')
+    assert needs_yaml_parser(str(as_yaml))
+    assert needs_yaml_parser(f"{as_yaml}{os.pathsep}{as_json}")  # the first file counts
+    assert not needs_yaml_parser(str(as_json))
+    assert not needs_yaml_parser(None)  # the service account
+    assert not needs_yaml_parser(str(tmp_path / "missing"))  # load_cluster_config names it

@@ -380,14 +380,37 @@ async def load_cluster_config(kubeconfig: str | None, context: str | None = None
     return parse_kubeconfig(data, path.parent, str(path), context)
 
 
+def _kubeconfig_path(kubeconfig: str) -> Path:
+    """The file a kubeconfig value names (the first of a KUBECONFIG-style list)."""
+    return Path(kubeconfig.split(os.pathsep, maxsplit=1)[0]).expanduser()
+
+
+def _is_json(text: str) -> bool:
+    return text.lstrip().startswith("{")
+
+
+def needs_yaml_parser(kubeconfig: str | None) -> bool:
+    """Whether loading `kubeconfig` imports the YAML parser: a file in YAML does; one
+    in JSON does not, nor does none (in a pod: the service account). An unreadable
+    file is left to `load_cluster_config`, which names it."""
+    if not kubeconfig:
+        return False
+    try:
+        with _kubeconfig_path(kubeconfig).open(encoding="utf-8", errors="replace") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return not _is_json(head)
+
+
 def _read_kubeconfig(kubeconfig: str) -> tuple[Path, dict[str, Any]]:
-    path = Path(kubeconfig.split(os.pathsep, maxsplit=1)[0]).expanduser()
+    path = _kubeconfig_path(kubeconfig)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read kubeconfig {path}: {exc}") from exc
     data: Any = None
-    if text.lstrip().startswith("{"):
+    if _is_json(text):
         # A kubeconfig in JSON (`kubectl config view --raw -o json`) needs no YAML
         # parser: in a pod both processes use the service account and never load
         # it (half a MiB the plugin would otherwise keep).
