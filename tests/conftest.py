@@ -12,6 +12,7 @@ import pytest
 
 from controller.kube.client import ApiClient
 from controller.kube.kubeconfig import load_cluster_config
+from kubeletplugin.state import DriverPaths
 from tests.harness.cluster import ControlPlane
 
 
@@ -22,6 +23,15 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 
 signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> DriverPaths:
+    """A plugin directory and a CDI root, both there, as the plugin finds them on a node."""
+    p = DriverPaths(plugin_dir=tmp_path / "plugin", cdi_root=tmp_path / "cdi")
+    p.plugin_dir.mkdir()
+    p.cdi_root.mkdir()
+    return p
 
 
 @pytest.fixture

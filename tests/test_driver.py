@@ -47,14 +47,6 @@ def prepared(uid: str, name: str = "claim") -> PreparedClaim:
     )
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> DriverPaths:
-    p = DriverPaths(plugin_dir=tmp_path / "plugin", cdi_root=tmp_path / "cdi")
-    p.plugin_dir.mkdir()
-    p.cdi_root.mkdir()
-    return p
-
-
 def new_driver(paths: DriverPaths) -> NxDriver:
     # No API client: every test here must get by without one.
     return NxDriver(

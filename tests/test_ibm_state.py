@@ -122,14 +122,6 @@ def test_a_damaged_ibm_file_is_moved_aside_and_claims_rebuilt_from_ibm_specs(
 # --- the driver taking over ---------------------------------------------------------------
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> DriverPaths:
-    p = DriverPaths(plugin_dir=tmp_path / "plugin", cdi_root=tmp_path / "cdi")
-    p.plugin_dir.mkdir()
-    p.cdi_root.mkdir()
-    return p
-
-
 def ibm_node(paths: DriverPaths, *uids: str) -> None:
     """The files IBM's driver leaves for claims `uids` (its specs are YAML)."""
     paths.checkpoint.write_bytes(
