@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from tests.harness.cluster import ControlPlane
+from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.plugin import DRIVER
 from tests.kubelet_standin import ClaimName
 
@@ -92,6 +93,29 @@ def pod(
             "resourceClaims": entries,
         },
     }
+
+
+def real_node_pod(
+    ns: str, name: str, node: str, template: str, command: str, *, request: str | None = None
+) -> dict[str, Any]:
+    """`pod` as a real test node runs it: one claim from `template` (its `request`
+    only, when given), the local busybox running `command`, host network (the node
+    has no CNI), no service account token, a one-second grace period."""
+    manifest = pod(ns, name, node, templates={"nx": template})
+    spec = manifest["spec"]
+    spec.update(
+        hostNetwork=True,
+        automountServiceAccountToken=False,
+        enableServiceLinks=False,
+        terminationGracePeriodSeconds=1,
+    )
+    [container] = spec["containers"]
+    container.update(
+        name="app", image=BUSYBOX_IMAGE, imagePullPolicy="Never", command=["sh", "-c", command]
+    )
+    if request:
+        container["resources"]["claims"][0]["request"] = request
+    return manifest
 
 
 def allocate_claims(

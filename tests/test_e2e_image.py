@@ -76,13 +76,7 @@ def _node(cp: ControlPlane, image: BuiltImage, workdir: Path, name: str) -> Iter
     try:
         yield node
     finally:
-        cp.kubectl("delete", "pods", "--all", "-n", NS, "--wait=false", check=False)
-        try:
-            node.stop()
-        finally:
-            cp.kubectl("delete", "node", name, "--wait=false", check=False)
-            changes = node.host_changes()
-            assert not changes, "the real node changed the host:\n" + "\n".join(changes)
+        node.tear_down(NS)
 
 
 def _workload(name: str) -> list[dict[str, Any]]:

@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from kubeletplugin.cdi import spec_file_name
-from tests.dra_objects import ready_for_real_nodes
+from tests.dra_objects import ready_for_real_nodes, real_node_pod
 from tests.harness.cluster import ControlPlane, yaml_stream
-from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     Api,
     RealNode,
@@ -107,12 +106,7 @@ def real_node(
     try:
         yield node
     finally:
-        cp.kubectl("delete", "pods", "--all", "-n", NS, "--wait=false", check=False)
-        try:
-            node.stop()
-        finally:
-            changes = node.host_changes()
-            assert not changes, "the real node changed the host:\n" + "\n".join(changes)
+        node.tear_down(NS)
 
 
 @pytest.fixture
@@ -125,37 +119,12 @@ def node(real_node: RealNode) -> Iterator[RealNode]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def pod_manifest(name: str, template: str = PLAIN, request: str | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": "node-0"},
-            "hostNetwork": True,
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": 1,
-            "resourceClaims": [{"name": "nx", "resourceClaimTemplateName": template}],
-            "containers": [
-                {
-                    "name": "app",
-                    "image": BUSYBOX_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["sh", "-c", WORKLOAD],
-                    "resources": {
-                        "claims": [{"name": "nx", **({"request": request} if request else {})}]
-                    },
-                }
-            ],
-        },
-    }
-
-
 def create_pods(
     node: RealNode, *names: str, template: str = PLAIN, request: str | None = None
 ) -> None:
-    doc = yaml_stream([pod_manifest(n, template, request) for n in names])
+    doc = yaml_stream(
+        [real_node_pod(NS, n, "node-0", template, WORKLOAD, request=request) for n in names]
+    )
     node.cp.kubectl("create", "-f", "-", input=doc)
 
 

@@ -34,9 +34,8 @@ from kubeletplugin.ibm_state import (
     ibm_cdi_device_ids,
     ibm_claim_spec_file,
 )
-from tests.dra_objects import ready_for_real_nodes
+from tests.dra_objects import ready_for_real_nodes, real_node_pod
 from tests.harness.cluster import ControlPlane
-from tests.harness.images import BUSYBOX_IMAGE
 from tests.harness.node import (
     RealNode,
     wait_for,
@@ -94,40 +93,14 @@ def ibm_node(
         yield node, ibm
     finally:
         ibm.stop()
-        cp.kubectl("delete", "pods", "--all", "-n", NS, "--wait=false", check=False)
-        try:
-            node.stop()
-        finally:
-            changes = node.host_changes()
-            assert not changes, "the real node changed the host:\n" + "\n".join(changes)
+        node.tear_down(NS)
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
 def create_pod(node: RealNode, name: str) -> None:
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
-            "hostNetwork": True,
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": 1,
-            "resourceClaims": [{"name": "nx", "resourceClaimTemplateName": IBM_CONFIG_TEMPLATE}],
-            "containers": [
-                {
-                    "name": "app",
-                    "image": BUSYBOX_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["sh", "-c", WORKLOAD],
-                    "resources": {"claims": [{"name": "nx"}]},
-                }
-            ],
-        },
-    }
+    pod = real_node_pod(NS, name, NODE, IBM_CONFIG_TEMPLATE, WORKLOAD)
     node.cp.kubectl("create", "-f", "-", input=json.dumps(pod))
 
 

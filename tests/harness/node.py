@@ -1061,6 +1061,18 @@ disabled_plugins = [
         """What differs on the host from before `start` (call after `stop`)."""
         return host_changes(self.host_before, host_state(), self.cgroup_root)
 
+    def tear_down(self, namespace: str) -> None:
+        """A test's end: its pods in `namespace` deleted (not waited for), the node
+        stopped, its Node object deleted (a later test's pods must not be scheduled
+        to a node that is gone), and the host asserted unchanged."""
+        self.cp.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false", check=False)
+        try:
+            self.stop()
+        finally:
+            self.cp.kubectl("delete", "node", self.name, "--wait=false", check=False)
+            changes = self.host_changes()
+            assert not changes, "the real node changed the host:\n" + "\n".join(changes)
+
     def _write_state(self) -> None:
         """What `python -m tests.harness.node down` needs to clean up without us."""
         procs = {
