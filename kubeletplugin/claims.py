@@ -272,6 +272,25 @@ def check_claim(claim: Mapping[str, Any], ref: ClaimRef) -> str | None:
     return None
 
 
+def reserved_here(claim: Mapping[str, Any], ref: ClaimRef, driver: str, pool: str) -> bool:
+    """Whether a copy of a claim (from the API server's watch cache) is what the
+    kubelet asked to prepare: `ref`'s UID, allocated with something of `driver`
+    in `pool`, reserved for a consumer.
+
+    The kubelet asks only for a claim in that state (it has just read it from
+    etcd), so a copy that is not trails etcd and must be read again. A copy
+    that is carries the claim's allocation: an allocation stays until every
+    consumer is gone, so an older copy differs only if the claim was freed and
+    allocated again in between.
+    """
+    status = claim.get("status") or {}
+    return (
+        check_claim(claim, ref) is None
+        and bool(status.get("reservedFor"))
+        and bool(our_results(claim, driver, pool))
+    )
+
+
 def our_results(claim: Mapping[str, Any], driver: str, pool: str) -> list[dict[str, Any]]:
     """The allocation results for `driver` in `pool`, in allocation order.
 

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -39,6 +39,7 @@ from .claims import (
     build_prepared_claim,
     check_claim,
     clip,
+    reserved_here,
     validate_claim_ref,
 )
 from .grpc_service import DeviceHealth
@@ -61,6 +62,12 @@ PREPARE_DEADLINE = 40.0
 # Part of the budget kept for writing specs and the checkpoint after the claims
 # are decided (a busy disk's fsync takes up to ~0.2 s).
 COMMIT_RESERVE = 0.5
+
+# Where a claim is read from: the API server's watch cache first (no etcd read;
+# a copy that is not yet allocated here is read again from etcd), or etcd only.
+CLAIM_READ_CACHE = "cache"
+CLAIM_READ_QUORUM = "quorum"
+CLAIM_READ_MODES = (CLAIM_READ_CACHE, CLAIM_READ_QUORUM)
 
 # Reading a claim the API server failed to give: 50 ms doubling to 2 s, until the
 # call's deadline.
@@ -125,7 +132,13 @@ class NxDriver:
         device_names: Callable[[], set[str]],
         health: Callable[[], list[DeviceHealth]],
         concurrency: int = 32,
+        claim_read: str = CLAIM_READ_CACHE,
     ) -> None:
+        if claim_read not in CLAIM_READ_MODES:
+            raise ValueError(
+                f"claim read {claim_read!r}: must be one of {', '.join(CLAIM_READ_MODES)}"
+            )
+        self.claim_read = claim_read
         self._client = client
         self._claim_resource: Resource | None = None
         self._devices_settled: anyio.Event | None = None
@@ -141,7 +154,16 @@ class NxDriver:
         self._state = PluginState(paths)
         self._thread = StateThread()
         self._health_event = anyio.Event()
-        self.stats = {"prepared": 0, "unprepared": 0, "prepare_errors": 0}
+        self.stats = {
+            "prepared": 0,
+            "unprepared": 0,
+            "prepare_errors": 0,
+            # Claim reads by where they were answered: the watch cache (a copy that
+            # could be prepared), or etcd (quorum mode, or after a cached copy that
+            # could not).
+            "claim_reads_cache": 0,
+            "claim_reads_etcd": 0,
+        }
         self.on_latency: Callable[[str, float], None] | None = None
         # Called (on the event loop) when `credits_outside_our_slice` changed.
         self.on_outside_credits_change: Callable[[], None] | None = None
@@ -278,7 +300,20 @@ class NxDriver:
 
     async def _decide_claim(self, ref: ClaimRef, stage: list[str]) -> PreparedClaim:
         """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
-        claim = await self._get_claim(ref, stage)
+        claim = None
+        if self.claim_read == CLAIM_READ_CACHE:
+            claim = await self._get_claim(ref, stage, from_cache=True)
+            if claim is not None and not reserved_here(claim, ref, self.driver, self.node_name):
+                log.debug(
+                    "claim in the API server's cache is not (yet) allocated here; reading etcd",
+                    extra={"claim": f"{ref.namespace}/{ref.name}", "claimUID": ref.uid},
+                )
+                claim = None
+            if claim is not None:
+                self.stats["claim_reads_cache"] += 1
+        if claim is None:
+            claim = await self._get_claim(ref, stage)
+            self.stats["claim_reads_etcd"] += 1
         problem = check_claim(claim, ref)
         if problem:
             raise ClaimError(problem)
@@ -293,7 +328,21 @@ class NxDriver:
             devices = {*devices, IBM_DEVICE_NAME}
         return build_prepared_claim(claim, self.driver, self.node_name, devices)
 
-    async def _get_claim(self, ref: ClaimRef, stage: list[str]) -> dict[str, Any]:
+    @overload
+    async def _get_claim(
+        self, ref: ClaimRef, stage: list[str], *, from_cache: Literal[False] = False
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def _get_claim(
+        self, ref: ClaimRef, stage: list[str], *, from_cache: Literal[True]
+    ) -> dict[str, Any] | None: ...
+
+    async def _get_claim(
+        self, ref: ClaimRef, stage: list[str], *, from_cache: bool = False
+    ) -> dict[str, Any] | None:
+        """The claim from the API server; with `from_cache`, from its watch cache,
+        None when it is not there (yet)."""
         if self._client is None:
             stage[0] = "waiting for the API client (the plugin is starting)"
             await self._client_ready.wait()
@@ -306,7 +355,7 @@ class NxDriver:
             if res is None:
                 version = await client.resource_api_version()
                 res = self._claim_resource = resource_kinds(version)["ResourceClaim"]
-            return await client.get(res, ref.name, ref.namespace)
+            return await client.get(res, ref.name, ref.namespace, from_cache=from_cache)
 
         def retrying(exc: BaseException, delay: float) -> None:
             # Retried until the call's deadline (the caller's scope ends it);
@@ -320,6 +369,8 @@ class NxDriver:
         try:
             return await retry(read, CLAIM_READ_BACKOFF, on_retry=retrying)
         except NotFound as exc:
+            if from_cache:
+                return None
             raise ClaimError(
                 f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
                 "it was deleted before its pod started"

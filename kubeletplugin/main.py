@@ -144,6 +144,16 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         parser,
+        "--claim-read",
+        "CLAIM_READ",
+        "cache",
+        "where prepare reads a claim: 'cache' (the API server's watch cache, no etcd "
+        "read; a copy not yet allocated on this node is read again from etcd) or "
+        "'quorum' (always from etcd)",
+        choices=["cache", "quorum"],
+    )
+    add_flag(
+        parser,
         "--metrics-bind-address",
         "METRICS_BIND_ADDRESS",
         ":8081",

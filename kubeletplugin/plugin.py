@@ -199,6 +199,7 @@ async def _load_driver(args: argparse.Namespace, plugin_dir: Path) -> tuple[Node
         paths=paths,
         device_names=lambda: {d.name for d in view.devices()},
         health=lambda: device_health(view),
+        claim_read=args.claim_read,
     )
     # Each repair is logged once, where it is made (checkpoint, driver).
     repairs = await anyio.to_thread.run_sync(driver.load_state)
@@ -389,6 +390,14 @@ def _register_metrics(
         calls.add_metric(["prepare"], driver.stats["prepared"])
         calls.add_metric(["unprepare"], driver.stats["unprepared"])
         calls.add_metric(["prepare_error"], driver.stats["prepare_errors"])
+        reads = GaugeMetricFamily(
+            "power_dra_plugin_claim_reads_total",
+            "Claims prepare read, by where the answer came from (cache: the API server's "
+            "watch cache; etcd: a quorum read)",
+            labels=["source"],
+        )
+        reads.add_metric(["cache"], driver.stats["claim_reads_cache"])
+        reads.add_metric(["etcd"], driver.stats["claim_reads_etcd"])
         total = sum(sum(c.value for c in d.capacity.values()) for d in publisher.devices)
         credits_total = GaugeMetricFamily(
             "power_dra_plugin_credits_total", "NX-gzip credits published", labels=["node"]
@@ -401,6 +410,6 @@ def _register_metrics(
             labels=["node"],
         )
         credits_allocated.add_metric([node], used)
-        return [prepared, calls, credits_total, credits_allocated]
+        return [prepared, calls, reads, credits_total, credits_allocated]
 
     registry.register(ScrapeTime(node_state))

@@ -18,6 +18,7 @@ from kubeletplugin.claims import (
     build_prepared_claim,
     check_claim,
     our_results,
+    reserved_here,
     validate_claim_ref,
     validate_claim_uid,
 )
@@ -126,6 +127,36 @@ def test_an_unallocated_claim_cannot_be_prepared() -> None:
     assert error == (
         "claim default/x: not allocated; the scheduler must allocate it before prepare"
     )
+
+
+# --- reserved_here: whether a copy from the API server's watch cache will do -----------------
+
+
+def reserved(claim: dict[str, Any]) -> dict[str, Any]:
+    if "status" in claim:
+        claim["status"]["reservedFor"] = [{"resource": "pods", "name": "p", "uid": "pod-uid"}]
+    return claim
+
+
+def test_a_copy_allocated_here_and_reserved_will_do() -> None:
+    assert reserved_here(reserved(make_claim()), ClaimRef("default", UID, "x"), DRIVER, POOL)
+
+
+@pytest.mark.parametrize(
+    ("claim", "why"),
+    [
+        (make_claim(), "not reserved for a consumer yet"),
+        (reserved(make_claim(allocated=False)), "not allocated yet"),
+        (reserved(make_claim(uid="other")), "an older claim of the same name"),
+        (reserved(make_claim(results=[result(pool="node-b")])), "allocated on another node"),
+        (reserved(make_claim(results=[result(driver="gpu.example.com")])), "another driver's"),
+        ({"message": "not a claim"}, "not a claim"),
+    ],
+)
+def test_a_copy_the_kubelet_would_not_have_asked_for_is_read_again(
+    claim: dict[str, Any], why: str
+) -> None:
+    assert not reserved_here(claim, ClaimRef("default", UID, "x"), DRIVER, POOL), why
 
 
 # --- our_results --------------------------------------------------------------------------

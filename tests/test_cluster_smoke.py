@@ -4,7 +4,9 @@ and the API layer / informer work against it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import time
 import uuid
 from typing import Any
@@ -72,6 +74,30 @@ async def test_api_forbidden_for_an_unprivileged_identity(
         with pytest.raises(Forbidden):
             await node_api.list(resource_kinds("v1")["DeviceClass"], limit=1)
             await node_api.create(NODES, {"metadata": {"name": "not-me"}})
+
+
+async def test_a_get_from_the_cache_is_answered_while_etcd_is_stopped(
+    api: ApiClient, control_plane: ControlPlane, unique_name: str
+) -> None:
+    # What `from_cache` buys: the watch cache answers without a quorum read of etcd
+    # (which would wait for the stopped etcd until fail_after ends the test).
+    slices = resource_kinds("v1")["ResourceSlice"]
+    created = await api.create(slices, _slice(unique_name, "nowhere"))
+    with anyio.fail_after(30):  # until the cache has seen the object
+        while True:
+            with contextlib.suppress(NotFound):
+                await api.get(slices, unique_name, from_cache=True)
+                break
+            await anyio.sleep(0.02)
+    etcd = control_plane.processes["etcd"].popen
+    etcd.send_signal(signal.SIGSTOP)
+    try:
+        with anyio.fail_after(20):
+            cached = await api.get(slices, unique_name, from_cache=True)
+    finally:
+        etcd.send_signal(signal.SIGCONT)
+    assert cached["metadata"]["uid"] == created["metadata"]["uid"]
+    await api.delete(slices, unique_name)
 
 
 async def test_server_side_apply_of_plain_dicts(api: ApiClient, unique_name: str) -> None:

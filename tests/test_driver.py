@@ -6,6 +6,7 @@ thread the state runs in; and one batch read from the real API server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -14,11 +15,18 @@ import anyio
 import pytest
 
 from controller.kube.client import ApiClient
+from controller.kube.errors import NotFound
 from controller.kube.resources import resource_kinds
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
 from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
-from kubeletplugin.driver import DriverPaths, NxDriver, StateThread
+from kubeletplugin.driver import (
+    CLAIM_READ_CACHE,
+    CLAIM_READ_QUORUM,
+    DriverPaths,
+    NxDriver,
+    StateThread,
+)
 from tests.dra_objects import claim as dra_claim
 from tests.dra_objects import claim_spec as dra_claim_spec
 from tests.harness.cluster import ControlPlane
@@ -47,7 +55,7 @@ def prepared(uid: str, name: str = "claim") -> PreparedClaim:
     )
 
 
-def new_driver(paths: DriverPaths) -> NxDriver:
+def new_driver(paths: DriverPaths, claim_read: str = CLAIM_READ_CACHE) -> NxDriver:
     # No API client: every test here must get by without one.
     return NxDriver(
         None,
@@ -56,6 +64,7 @@ def new_driver(paths: DriverPaths) -> NxDriver:
         paths=paths,
         device_names=lambda: {"nx-gzip"},
         health=list,
+        claim_read=claim_read,
     )
 
 
@@ -192,8 +201,11 @@ def journal_lines(paths: DriverPaths) -> int:
     return journal_path(paths.checkpoint).read_bytes().count(b"\n")
 
 
-async def allocated_claim(api: ApiClient, ns: str, name: str) -> ClaimRef:
-    """A claim with an allocation on our node's `nx-gzip`, as the scheduler leaves it."""
+async def allocated_claim(
+    api: ApiClient, ns: str, name: str, *, reserved: bool = False
+) -> ClaimRef:
+    """A claim with an allocation on our node's `nx-gzip`, as the scheduler leaves it
+    (`reserved`: and reserved for a pod, as it is when the kubelet asks)."""
     res = resource_kinds("v1")["ResourceClaim"]
     created = await api.create(res, dra_claim(ns, name, dra_claim_spec({"nx": DRIVER})))
     created["status"] = {
@@ -203,6 +215,10 @@ async def allocated_claim(api: ApiClient, ns: str, name: str) -> ClaimRef:
             }
         }
     }
+    if reserved:
+        created["status"]["reservedFor"] = [
+            {"resource": "pods", "name": "p", "uid": "6f9619ff-8b86-4d01-b42d-00cf4fc964ff"}
+        ]
     await api.replace(res, created, subresource="status")
     return ClaimRef(ns, created["metadata"]["uid"], name)
 
@@ -223,6 +239,69 @@ async def test_a_batch_of_new_claims_is_written_in_one_state_record(
     assert journal_lines(paths) == before + 1
     assert checkpoint_uids(paths) == {r.uid for r in refs}
     assert all(spec_path(paths, r.uid).exists() for r in refs)
+
+
+async def cached_with_reservation(api: ApiClient, ref: ClaimRef) -> None:
+    """Until the API server's watch cache has the claim's reservation."""
+    res = resource_kinds("v1")["ResourceClaim"]
+    with anyio.fail_after(30):
+        while True:
+            with contextlib.suppress(NotFound):
+                claim = await api.get(res, ref.name, ref.namespace, from_cache=True)
+                if claim.get("status", {}).get("reservedFor"):
+                    return
+            await anyio.sleep(0.02)
+
+
+async def prepare_one(driver: NxDriver, api: ApiClient, ref: ClaimRef) -> None:
+    assert driver.load_state() == []
+    driver.set_client(api)
+    results = await driver.prepare_claims([ref])
+    assert results[ref.uid].error == ""
+    assert spec_path(driver.paths, ref.uid).exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_claim_reserved_for_its_pod_is_read_from_the_api_servers_cache(
+    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
+) -> None:
+    control_plane.create_namespace(unique_name)
+    ref = await allocated_claim(api, unique_name, "c", reserved=True)
+    await cached_with_reservation(api, ref)
+    driver = new_driver(paths)
+    await prepare_one(driver, api, ref)
+    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (1, 0)
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_a_cached_copy_the_kubelet_would_not_ask_for_is_read_again_from_etcd(
+    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
+) -> None:
+    # Allocated but reserved for nobody: what a cache that trails etcd shows.
+    control_plane.create_namespace(unique_name)
+    ref = await allocated_claim(api, unique_name, "c")
+    driver = new_driver(paths)
+    await prepare_one(driver, api, ref)
+    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (0, 1)
+
+
+@pytest.mark.cluster
+@pytest.mark.anyio
+async def test_quorum_mode_reads_every_claim_from_etcd(
+    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
+) -> None:
+    control_plane.create_namespace(unique_name)
+    ref = await allocated_claim(api, unique_name, "c", reserved=True)
+    driver = new_driver(paths, claim_read=CLAIM_READ_QUORUM)
+    await prepare_one(driver, api, ref)
+    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (0, 1)
+
+
+def test_an_unknown_claim_read_mode_is_refused_naming_the_modes(paths: DriverPaths) -> None:
+    with pytest.raises(ValueError, match="claim read 'fast': must be one of cache, quorum"):
+        new_driver(paths, claim_read="fast")
 
 
 # --- the state thread ----------------------------------------------------------------------

@@ -66,6 +66,11 @@ PLUGIN_FAMILIES = {
     ),
     "power_dra_plugin_prepared_claims": ("gauge", "Claims prepared on this node"),
     "power_dra_plugin_claims_total": ("gauge", "Claims handled since start"),
+    "power_dra_plugin_claim_reads_total": (
+        "gauge",
+        "Claims prepare read, by where the answer came from (cache: the API server's "
+        "watch cache; etcd: a quorum read)",
+    ),
     "power_dra_plugin_credits_total": ("gauge", "NX-gzip credits published"),
     "power_dra_plugin_credits_allocated": ("gauge", "NX-gzip credits of prepared claims"),
 }
@@ -292,3 +297,5 @@ def test_the_plugin_serves_its_metrics_in_the_prometheus_text_format(
     assert sample(text, "power_dra_plugin_credits_allocated", node=node) == 0
     assert sample(text, "power_dra_plugin_prepared_claims") == 0
     assert sample(text, "power_dra_plugin_claims_total", operation="prepare") == 0
+    assert sample(text, "power_dra_plugin_claim_reads_total", source="cache") == 0
+    assert sample(text, "power_dra_plugin_claim_reads_total", source="etcd") == 0

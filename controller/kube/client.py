@@ -81,6 +81,8 @@ Quarantine = Callable[[dict[str, Any]], None]
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is valid YAML
+# Query of a GET served from the API server's watch cache ("any version").
+_FROM_CACHE = {"resourceVersion": "0"}
 
 
 def _load_cert_chain_from_memory(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
@@ -301,12 +303,25 @@ class ApiClient:
     # --- object verbs -------------------------------------------------------------
 
     async def get(
-        self, res: Resource, name: str, namespace: str | None = None, subresource: str | None = None
+        self,
+        res: Resource,
+        name: str,
+        namespace: str | None = None,
+        subresource: str | None = None,
+        *,
+        from_cache: bool = False,
     ) -> dict[str, Any]:
-        """GET one object."""
+        """GET one object.
+
+        `from_cache`: read it from the API server's watch cache (`resourceVersion=0`)
+        instead of etcd: no quorum read, but the copy may trail etcd by the cache's
+        lag (milliseconds on a healthy server), so the caller must be able to tell a
+        stale copy and read again without it.
+        """
         result: dict[str, Any] = await self.request(
             "GET",
             res.path(namespace, name, subresource),
+            params=_FROM_CACHE if from_cache else None,
             what=f"get {res.kind} {_nn(namespace, name)}",
         )
         return result

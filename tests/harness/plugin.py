@@ -38,8 +38,10 @@ class PluginProcess:
         pod_uid: str = "",
         make_tree: bool = True,
         env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.cp = control_plane
+        self.python = python
         self.node_name = node_name
         self.workdir = workdir
         self.sysfs_root = workdir / "sys"
@@ -78,7 +80,7 @@ class PluginProcess:
 
     def argv(self) -> list[str]:
         return [
-            sys.executable,
+            self.python,
             "-m",
             "kubeletplugin",
             f"--node-name={self.node_name}",
