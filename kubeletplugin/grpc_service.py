@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -177,7 +176,7 @@ def listen_unix(path: Path, *, mode: int = 0o600, backlog: int = 128) -> socket.
     place: the kubelet never sees a socket that refuses connections or has
     the wrong mode, and a stale socket from an earlier run is replaced.
     """
-    tmp = path.parent / f".{secrets.token_hex(3)}.sock"
+    tmp = path.parent / f".{os.urandom(3).hex()}.sock"
     for p in (path, tmp):
         if len(os.fsencode(p)) > MAX_SOCKET_PATH:
             raise ValueError(

@@ -18,8 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from controller.nx.names import DRIVER_NAME, SLICE_API_VERSIONS
 from controller.process.flags import add_common_flags, add_flag, parse_duration
 from controller.process.logs import setup_logging
@@ -74,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kubernetes DRA kubelet plugin for the IBM Power NX-gzip accelerator "
         f"(driver {DRIVER_NAME}).",
     )
-    sub = parser.add_subparsers(dest="command")
+    # An explicit prog: argparse would otherwise build a help formatter (and import
+    # shutil for the terminal width) on every start just to name the subcommands.
+    sub = parser.add_subparsers(dest="command", prog="power-dra-kubeletplugin")
     run = sub.add_parser("run", help="serve the kubelet and publish the node's slices (default)")
     inspect = sub.add_parser("inspect", help="print what the plugin sees and would publish")
     for p in (parser, run):
@@ -173,6 +173,8 @@ def inspect(args: argparse.Namespace) -> int:
     """Print the inventory, the slices the plugin would publish and what its state
     file and CDI directory hold (claims, and what is left of IBM's driver), as JSON."""
     # Imported here: `run` serves the kubelet's registration socket before loading them.
+    import orjson
+
     from kubeletplugin.slices import build_pool_slices
 
     from .checkpoint import CHECKPOINT_FILE_NAME, describe_state

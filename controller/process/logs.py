@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from typing import Any
-
-import orjson
 
 # LogRecord attributes that are not "extra" fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -30,7 +29,9 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        # The standard library's encoder: a handful of lines a second need no faster
+        # one, and the plugin starts ~4 ms sooner without orjson's import.
+        return json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def verbosity_to_level(verbosity: int) -> int:
