@@ -132,7 +132,10 @@ USES: dict[Grant, tuple[tuple[str, str], str]] = {
         PLUGIN_TEST,
     ),
     (PLUGIN_SA, R, "resourceclaims", "get", "*"): (
-        ("kubeletplugin/driver.py", "return await client.get(res, ref.name, ref.namespace)"),
+        (
+            "kubeletplugin/driver.py",
+            "return await client.get(res, ref.name, ref.namespace, from_cache",
+        ),
         PLUGIN_TEST,
     ),
     (PLUGIN_SA, "", "nodes", "get", "*"): (
