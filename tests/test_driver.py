@@ -263,40 +263,32 @@ async def prepare_one(driver: NxDriver, api: ApiClient, ref: ClaimRef) -> None:
 
 @pytest.mark.cluster
 @pytest.mark.anyio
-async def test_a_claim_reserved_for_its_pod_is_read_from_the_api_servers_cache(
-    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (reserved for a pod, --claim-read, (reads from the cache, reads from etcd))
+        (True, CLAIM_READ_CACHE, (1, 0)),
+        # Allocated but reserved for nobody: what a cache that trails etcd shows.
+        (False, CLAIM_READ_CACHE, (0, 1)),
+        (True, CLAIM_READ_QUORUM, (0, 1)),
+    ],
+    ids=["reserved-from-the-cache", "not-reserved-read-again-from-etcd", "quorum-mode-etcd-only"],
+)
+async def test_where_prepare_reads_a_claim(
+    paths: DriverPaths,
+    control_plane: ControlPlane,
+    api: ApiClient,
+    unique_name: str,
+    case: tuple[bool, str, tuple[int, int]],
 ) -> None:
+    reserved, claim_read, reads = case
     control_plane.create_namespace(unique_name)
-    ref = await allocated_claim(api, unique_name, "c", reserved=True)
-    await cached_with_reservation(api, ref)
-    driver = new_driver(paths)
+    ref = await allocated_claim(api, unique_name, "c", reserved=reserved)
+    if reserved:
+        await cached_with_reservation(api, ref)
+    driver = new_driver(paths, claim_read)
     await prepare_one(driver, api, ref)
-    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (1, 0)
-
-
-@pytest.mark.cluster
-@pytest.mark.anyio
-async def test_a_cached_copy_the_kubelet_would_not_ask_for_is_read_again_from_etcd(
-    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
-) -> None:
-    # Allocated but reserved for nobody: what a cache that trails etcd shows.
-    control_plane.create_namespace(unique_name)
-    ref = await allocated_claim(api, unique_name, "c")
-    driver = new_driver(paths)
-    await prepare_one(driver, api, ref)
-    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (0, 1)
-
-
-@pytest.mark.cluster
-@pytest.mark.anyio
-async def test_quorum_mode_reads_every_claim_from_etcd(
-    paths: DriverPaths, control_plane: ControlPlane, api: ApiClient, unique_name: str
-) -> None:
-    control_plane.create_namespace(unique_name)
-    ref = await allocated_claim(api, unique_name, "c", reserved=True)
-    driver = new_driver(paths, claim_read=CLAIM_READ_QUORUM)
-    await prepare_one(driver, api, ref)
-    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == (0, 1)
+    assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == reads
 
 
 def test_an_unknown_claim_read_mode_is_refused_naming_the_modes(paths: DriverPaths) -> None:
