@@ -243,3 +243,21 @@ async def test_a_reconcile_that_never_ends_makes_the_controller_unhealthy() -> N
     assert "reconcile of ns/stuck running for 36" in state.unhealthy_reason()
     loops.queue.done("ns/stuck")
     assert state.healthy()
+
+
+def test_a_flag_with_choices_refuses_a_bad_value_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubeletplugin.main import build_parser as plugin_parser
+
+    monkeypatch.setenv("CLAIM_READ", "fast")
+    with pytest.raises(SystemExit) as exited:
+        plugin_parser().parse_args(["--node-name", "n1"])
+    assert exited.value.code == 2
+    assert (
+        "argument --claim-read: invalid choice: 'fast' (from $CLAIM_READ) "
+        "(choose from cache, quorum)" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("CLAIM_READ", "quorum")
+    assert plugin_parser().parse_args(["--node-name", "n1"]).claim_read == "quorum"
+    assert plugin_parser().parse_args(["--claim-read=cache"]).claim_read == "cache"

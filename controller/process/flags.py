@@ -51,11 +51,24 @@ def add_flag(
     effective: Any = default if env_value is None or env_value == "" else env_value
     suffix = f" [env {env}]" if env else ""
     shown = "" if default is None or default == "" else f" (default: {default})"
+    convert = type
+    if choices is not None:
+        # argparse checks `choices` on the command line only, never on a default:
+        # a value from the environment is checked here, at parse time too.
+        def convert(text: str) -> Any:
+            value = type(text)
+            if value not in choices:
+                source = f" (from ${env})" if env and text == env_value else ""
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice: {text!r}{source} (choose from {', '.join(choices)})"
+                )
+            return value
+
     parser.add_argument(
         flag,
         dest=flag.lstrip("-").replace("-", "_"),
         default=effective,
-        type=type,
+        type=convert,
         required=required and effective in (None, ""),
         choices=choices,
         help=f"{help}{shown}{suffix}",
