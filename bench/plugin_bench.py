@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -122,9 +123,9 @@ CPU_CYCLES = 100
 
 class Floor:
     """What a call cannot go below, sampled in blocks between blocks of the plugin's
-    calls (so that the floor sees the same load they do): one GET of a claim from the API server's
-    watch cache (the plugin's default read) over a kept-alive connection of the
-    same client, one atomic fsync'd write, and one round trip
+    calls (so that the floor sees the same load they do): one GET of a claim from
+    the API server's watch cache (the plugin's default read) over a kept-alive
+    connection of the same client, one atomic fsync'd write, and one round trip
     to a plain grpclib server (its own process, called with grpcio)."""
 
     def __init__(self, kubeconfig: str, claim: str) -> None:
@@ -215,6 +216,24 @@ class Floor:
         }
 
 
+def timed_cycles(
+    client: Client, claims: list[tuple[str, str]], floor: Floor
+) -> tuple[list[float], list[float]]:
+    """Prepare then unprepare each claim, timed back to back in blocks of BLOCK
+    cycles, each block followed by as many floor samples; the prepare and
+    unprepare latencies."""
+    prepares: list[float] = []
+    unprepares: list[float] = []
+    for start in range(0, len(claims), BLOCK):
+        block = claims[start : start + BLOCK]
+        for c in block:
+            prepares.append(client.prepare([c]))
+            unprepares.append(client.unprepare([c]))
+        for _ in block:
+            floor.sample()
+    return prepares, unprepares
+
+
 class Client:
     """The kubelet's side of the DRA v1 service, on grpcio."""
 
@@ -276,12 +295,7 @@ def installed_python(workdir: Path) -> str:
     import hook that costs every Python start ~15 ms on this kind of machine."""
     venv = workdir / "installed-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    packages = subprocess.run(
-        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    packages = sysconfig.get_path("purelib")  # the development venv's, this interpreter's
     python = venv / "bin" / "python"
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -522,15 +536,7 @@ def main() -> None:
         for c in singles[:10]:  # warm-up
             client.prepare([c])
             client.unprepare([c])
-        prep: list[float] = []
-        unprep: list[float] = []
-        for start in range(0, len(singles), BLOCK):
-            block = singles[start : start + BLOCK]
-            for c in block:
-                prep.append(client.prepare([c]))
-                unprep.append(client.unprepare([c]))
-            for _ in block:
-                floor_sampler.sample()
+        prep, unprep = timed_cycles(client, singles, floor_sampler)
         # The plugin's CPU per call, in a pass of its own: reading /proc between
         # the calls would slow the calls timed above.
         prep_cpu, unprep_cpu = [], []
@@ -557,15 +563,8 @@ def main() -> None:
                 group = fill[done : min(level, done + args.batch_size)]
                 client.prepare(group)
                 done += len(group)
-            p, u = [], []
             first = len(floor_sampler.gets)
-            for start in range(0, args.held_cycles, BLOCK):
-                block = singles[start : min(args.held_cycles, start + BLOCK)]
-                for c in block:
-                    p.append(client.prepare([c]))
-                    u.append(client.unprepare([c]))
-                for _ in block:
-                    floor_sampler.sample()
+            p, u = timed_cycles(client, singles[: args.held_cycles], floor_sampler)
             # This phase's own floor: a load burst during one phase moves both.
             phase = {
                 k: pct(getattr(floor_sampler, k)[first:], 50) for k in ("gets", "writes", "rtts")

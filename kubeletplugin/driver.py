@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
@@ -302,7 +302,8 @@ class NxDriver:
         """Read and judge one claim; `stage[0]` says what it waits for (the caller's timeout)."""
         claim = None
         if self.claim_read == CLAIM_READ_CACHE:
-            claim = await self._get_claim(ref, stage, from_cache=True)
+            with contextlib.suppress(NotFound):  # not in the cache (yet): etcd will say
+                claim = await self._get_claim(ref, stage, from_cache=True)
             if claim is not None and not reserved_here(claim, ref, self.driver, self.node_name):
                 log.debug(
                     "claim in the API server's cache is not (yet) allocated here; reading etcd",
@@ -312,7 +313,13 @@ class NxDriver:
             if claim is not None:
                 self.stats["claim_reads_cache"] += 1
         if claim is None:
-            claim = await self._get_claim(ref, stage)
+            try:
+                claim = await self._get_claim(ref, stage)
+            except NotFound as exc:
+                raise ClaimError(
+                    f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
+                    "it was deleted before its pod started"
+                ) from exc
             self.stats["claim_reads_etcd"] += 1
         problem = check_claim(claim, ref)
         if problem:
@@ -328,21 +335,11 @@ class NxDriver:
             devices = {*devices, IBM_DEVICE_NAME}
         return build_prepared_claim(claim, self.driver, self.node_name, devices)
 
-    @overload
-    async def _get_claim(
-        self, ref: ClaimRef, stage: list[str], *, from_cache: Literal[False] = False
-    ) -> dict[str, Any]: ...
-
-    @overload
-    async def _get_claim(
-        self, ref: ClaimRef, stage: list[str], *, from_cache: Literal[True]
-    ) -> dict[str, Any] | None: ...
-
     async def _get_claim(
         self, ref: ClaimRef, stage: list[str], *, from_cache: bool = False
-    ) -> dict[str, Any] | None:
-        """The claim from the API server; with `from_cache`, from its watch cache,
-        None when it is not there (yet)."""
+    ) -> dict[str, Any]:
+        """The claim from the API server (`from_cache`: from its watch cache), transient
+        failures retried until the caller's deadline; NotFound is the caller's."""
         if self._client is None:
             stage[0] = "waiting for the API client (the plugin is starting)"
             await self._client_ready.wait()
@@ -366,15 +363,7 @@ class NxDriver:
                 extra={"claim": f"{ref.namespace}/{ref.name}", "error": str(exc), "delay_s": delay},
             )
 
-        try:
-            return await retry(read, CLAIM_READ_BACKOFF, on_retry=retrying)
-        except NotFound as exc:
-            if from_cache:
-                return None
-            raise ClaimError(
-                f"claim {ref.namespace}/{ref.name} (uid {ref.uid}) does not exist: "
-                "it was deleted before its pod started"
-            ) from exc
+        return await retry(read, CLAIM_READ_BACKOFF, on_retry=retrying)
 
     # --- unprepare -----------------------------------------------------------------
 

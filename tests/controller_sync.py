@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Waiting for an in-process controller to finish its work.
+"""Waiting for positive signals: an in-process controller finished its work, the
+API server's watch cache caught up.
 
-The positive signal the tests use instead of sleeping to show that a controller
-wrote nothing more: its informer holds the server's current version of an object,
-and after that its work queue is idle.
+The signal the tests use instead of sleeping to show that a controller wrote
+nothing more: its informer holds the server's current version of an object, and
+after that its work queue is idle.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -55,3 +58,23 @@ def cache_current(
         return cached is not None and (cached.get("metadata") or {}).get("resourceVersion") == rv
 
     return check
+
+
+async def in_watch_cache(
+    api: ApiClient,
+    resource: Resource,
+    name: str,
+    namespace: str | None = None,
+    *,
+    until: Callable[[dict[str, Any]], bool] = lambda obj: True,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """The object as the API server's watch cache serves it, once it is there and
+    `until` holds for it."""
+    with anyio.fail_after(timeout):
+        while True:
+            with contextlib.suppress(NotFound):
+                obj = await api.get(resource, name, namespace, from_cache=True)
+                if until(obj):
+                    return obj
+            await anyio.sleep(0.02)

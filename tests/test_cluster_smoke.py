@@ -4,7 +4,6 @@ and the API layer / informer work against it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import time
@@ -19,6 +18,7 @@ from controller.kube.errors import AlreadyExists, Conflict, Forbidden, NotFound
 from controller.kube.informer import Informer
 from controller.kube.kubeconfig import ClusterConfig
 from controller.kube.resources import NODES, resource_kinds
+from tests.controller_sync import in_watch_cache
 from tests.harness.cluster import ControlPlane
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
@@ -83,12 +83,7 @@ async def test_a_get_from_the_cache_is_answered_while_etcd_is_stopped(
     # (which would wait for the stopped etcd until fail_after ends the test).
     slices = resource_kinds("v1")["ResourceSlice"]
     created = await api.create(slices, _slice(unique_name, "nowhere"))
-    with anyio.fail_after(30):  # until the cache has seen the object
-        while True:
-            with contextlib.suppress(NotFound):
-                await api.get(slices, unique_name, from_cache=True)
-                break
-            await anyio.sleep(0.02)
+    await in_watch_cache(api, slices, unique_name)
     etcd = control_plane.processes["etcd"].popen
     etcd.send_signal(signal.SIGSTOP)
     try:

@@ -6,7 +6,6 @@ thread the state runs in; and one batch read from the real API server."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from pathlib import Path
@@ -15,7 +14,6 @@ import anyio
 import pytest
 
 from controller.kube.client import ApiClient
-from controller.kube.errors import NotFound
 from controller.kube.resources import resource_kinds
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
 from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
@@ -27,6 +25,7 @@ from kubeletplugin.driver import (
     NxDriver,
     StateThread,
 )
+from tests.controller_sync import in_watch_cache
 from tests.dra_objects import claim as dra_claim
 from tests.dra_objects import claim_spec as dra_claim_spec
 from tests.harness.cluster import ControlPlane
@@ -241,18 +240,6 @@ async def test_a_batch_of_new_claims_is_written_in_one_state_record(
     assert all(spec_path(paths, r.uid).exists() for r in refs)
 
 
-async def cached_with_reservation(api: ApiClient, ref: ClaimRef) -> None:
-    """Until the API server's watch cache has the claim's reservation."""
-    res = resource_kinds("v1")["ResourceClaim"]
-    with anyio.fail_after(30):
-        while True:
-            with contextlib.suppress(NotFound):
-                claim = await api.get(res, ref.name, ref.namespace, from_cache=True)
-                if claim.get("status", {}).get("reservedFor"):
-                    return
-            await anyio.sleep(0.02)
-
-
 async def prepare_one(driver: NxDriver, api: ApiClient, ref: ClaimRef) -> None:
     assert driver.load_state() == []
     driver.set_client(api)
@@ -285,7 +272,13 @@ async def test_where_prepare_reads_a_claim(
     control_plane.create_namespace(unique_name)
     ref = await allocated_claim(api, unique_name, "c", reserved=reserved)
     if reserved:
-        await cached_with_reservation(api, ref)
+        await in_watch_cache(
+            api,
+            resource_kinds("v1")["ResourceClaim"],
+            ref.name,
+            ref.namespace,
+            until=lambda claim: bool(claim.get("status", {}).get("reservedFor")),
+        )
     driver = new_driver(paths, claim_read)
     await prepare_one(driver, api, ref)
     assert (driver.stats["claim_reads_cache"], driver.stats["claim_reads_etcd"]) == reads
