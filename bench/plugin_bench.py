@@ -292,7 +292,7 @@ def installed_python(workdir: Path) -> str:
     """An interpreter that finds the driver the way the image's does: a venv whose
     site-packages holds one plain path file (the checkout and the development
     venv's packages), where the development venv's editable install adds an
-    import hook that costs every Python start ~15 ms on this kind of machine."""
+    import hook to every Python start, which the image has not."""
     venv = workdir / "installed-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     packages = sysconfig.get_path("purelib")  # the development venv's, this interpreter's
