@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from controller.kube.client import ApiClient
-from controller.kube.resources import resource_kinds
+from controller.kube.resources import PODS, resource_kinds
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
 from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
@@ -28,6 +28,7 @@ from kubeletplugin.driver import (
 from tests.controller_sync import in_watch_cache
 from tests.dra_objects import claim as dra_claim
 from tests.dra_objects import claim_spec as dra_claim_spec
+from tests.dra_objects import pod as dra_pod
 from tests.harness.cluster import ControlPlane
 
 DRIVER = "nx.device.power.ibm.com"
@@ -204,7 +205,10 @@ async def allocated_claim(
     api: ApiClient, ns: str, name: str, *, reserved: bool = False
 ) -> ClaimRef:
     """A claim with an allocation on our node's `nx-gzip`, as the scheduler leaves it
-    (`reserved`: and reserved for a pod, as it is when the kubelet asks)."""
+    (`reserved`: and reserved for a pod that uses it, as it is when the kubelet asks).
+
+    The pod exists and stays pending (no scheduler of its name runs): the
+    controller-manager removes a reservation for a pod that does not exist."""
     res = resource_kinds("v1")["ResourceClaim"]
     created = await api.create(res, dra_claim(ns, name, dra_claim_spec({"nx": DRIVER})))
     created["status"] = {
@@ -215,8 +219,11 @@ async def allocated_claim(
         }
     }
     if reserved:
+        manifest = dra_pod(ns, f"{name}-pod", NODE, claims={"nx": name})
+        manifest["spec"]["schedulerName"] = "nobody"
+        consumer = await api.create(PODS, manifest)
         created["status"]["reservedFor"] = [
-            {"resource": "pods", "name": "p", "uid": "6f9619ff-8b86-4d01-b42d-00cf4fc964ff"}
+            {"resource": "pods", "name": f"{name}-pod", "uid": consumer["metadata"]["uid"]}
         ]
     await api.replace(res, created, subresource="status")
     return ClaimRef(ns, created["metadata"]["uid"], name)
