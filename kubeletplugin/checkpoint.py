@@ -355,6 +355,8 @@ class StateFile:
         self._snapshot_bytes = 0
         self._journal_bytes = 0
         self._signature: tuple[object, object] | None = None
+        # How long the last `record` took (its fdatasync, mostly), in seconds.
+        self.last_record_seconds = 0.0
 
     def load(self, cdi_root: Path) -> tuple[LoadedCheckpoint, bool]:
         """Read the state; returns it and whether it should be compacted (`save`) now."""
@@ -384,11 +386,24 @@ class StateFile:
             OSError: the change is not durable; the journal is cut back to the
                 records before it.
         """
+        start = time.monotonic()
+        try:
+            gen = self._gen if self.appends_next() else None
+            if gen is None:
+                self.save(claims)
+            else:
+                self._append(gen, put, delete)
+        finally:
+            self.last_record_seconds = time.monotonic() - start
+
+    def appends_next(self) -> bool:
+        """Whether the next `record` appends to the journal (a new snapshot otherwise:
+        there is no journal yet, or it has outgrown the snapshot)."""
         limit = max(self.min_compact_bytes, 2 * self._snapshot_bytes)
-        if self._gen is None or self._journal_bytes > limit:
-            self.save(claims)
-            return
-        line = encode_journal_record(self._gen, put, delete)
+        return self._gen is not None and self._journal_bytes <= limit
+
+    def _append(self, gen: str, put: Mapping[str, PreparedClaim], delete: Iterable[str]) -> None:
+        line = encode_journal_record(gen, put, delete)
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             view = memoryview(line)

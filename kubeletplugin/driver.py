@@ -4,15 +4,17 @@
 Per request: the claims not prepared yet are read from the API concurrently
 (bounded) and decided by the pure functions of `claims`, each within the
 call's deadline; then ONE call of the state machine (`state.PluginState`)
-in the state thread writes the specs and the state file under the state
-lock. A claim's problem stays in that claim's answer. Transient API failures
-are retried inside the call (a failed prepare costs the pod a 60-90 s kubelet
+writes the specs and the state file under the state lock: on the event loop
+when it is quick and the lock free, else in the state thread (`_on_loop`). A
+claim's problem stays in that claim's answer. Transient API failures are
+retried inside the call (a failed prepare costs the pod a 60-90 s kubelet
 retry); permanent ones are answered at once.
 
-The state thread is one thread, so state calls run in the order they were
-made (an unprepare never overtakes the prepare before it). A call whose
-caller gave up (cancelled, deadline) still completes there: the state stays
-what the files say.
+State calls run in the order they were made (an unprepare never overtakes the
+prepare before it): the state thread is one thread, and a call is made on the
+event loop only when the thread has nothing queued or running. A call whose
+caller gave up (cancelled, deadline) still completes in the thread: the state
+stays what the files say.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ PREPARE_DEADLINE = 40.0
 # are decided (a busy disk's fsync takes up to ~0.2 s).
 COMMIT_RESERVE = 0.5
 
+# Most claims a state call made on the event loop may have (`NxDriver._on_loop`).
+LOOP_MAX_CLAIMS = 16
+
 # Where a claim is read from: the API server's watch cache first (no etcd read;
 # a copy that is not yet allocated here is read again from etcd), or etcd only.
 CLAIM_READ_CACHE = "cache"
@@ -86,6 +91,12 @@ class StateThread:
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._pending = 0  # calls submitted and not finished (changed on the loop only)
+
+    @property
+    def idle(self) -> bool:
+        """No call queued or running (one whose caller was cancelled included)."""
+        return self._pending == 0
 
     async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`func(*args, **kwargs)` in the thread. Cancelling the caller does not stop
@@ -95,6 +106,7 @@ class StateThread:
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self._thread.start()
+        self._pending += 1
         self._queue.put((loop, future, func, args, kwargs))
         return await future
 
@@ -106,17 +118,17 @@ class StateThread:
             except Exception as exc:  # handed to the caller
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                loop.call_soon_threadsafe(self._settle, future, result, error)
             del loop, future, func, args, kwargs, result, error
 
-
-def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
-    if future.done():  # the caller was cancelled
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
+    def _settle(self, future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+        self._pending -= 1
+        if future.done():  # the caller was cancelled
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
 
 class NxDriver:
@@ -163,6 +175,9 @@ class NxDriver:
             # could not).
             "claim_reads_cache": 0,
             "claim_reads_etcd": 0,
+            # State calls by the thread that made them (see `_on_loop`).
+            "state_calls_loop": 0,
+            "state_calls_thread": 0,
         }
         self.on_latency: Callable[[str, float], None] | None = None
         # Called (on the event loop) when `credits_outside_our_slice` changed.
@@ -175,7 +190,7 @@ class NxDriver:
 
     @property
     def claims(self) -> dict[str, PreparedClaim]:
-        """The prepared claims by UID (a copy: the state thread changes them)."""
+        """The prepared claims by UID (a copy: state calls change them)."""
         return dict(self._state.claims)
 
     # --- start-up ----------------------------------------------------------------
@@ -249,8 +264,13 @@ class NxDriver:
                 for ref in new:
                     tg.start_soon(self._decide, ref, decide_by, budget, decided, results)
         if decided:
-            timeout = start + budget - time.monotonic()
-            results.update(await self._thread.run(self._state.prepare, decided, timeout))
+            done = self._state.prepare_now(decided) if self._on_loop(len(decided)) else None
+            if done is None:
+                timeout = start + budget - time.monotonic()
+                done = await self._in_thread(self._state.prepare, decided, timeout)
+            else:
+                self.stats["state_calls_loop"] += 1
+            results.update(done)
             self._check_outside_credits()
         errors = 0
         for uid, result in results.items():
@@ -365,6 +385,25 @@ class NxDriver:
 
         return await retry(read, CLAIM_READ_BACKOFF, on_retry=retrying)
 
+    # --- the state's calls -----------------------------------------------------------
+
+    def _on_loop(self, claims: int) -> bool:
+        """Whether a state call for `claims` claims is made right here, on the event loop.
+
+        The usual call (a claim or a few, its spec, one journal append of ~0.5 ms)
+        is then one thread's work. Handed to the state thread it costs two more
+        wake-ups and two hand-overs of the GIL, each waiting for a CPU on a busy
+        node (`make bench BUSY=2`). The loop is blocked for the call's file work
+        only: a state thread still busy (calls stay in order), a big batch, a due
+        snapshot or a slow last write go to the thread, and so does a call whose
+        lock another instance holds (the `_now` calls do nothing then).
+        """
+        return claims <= LOOP_MAX_CLAIMS and self._thread.idle and self._state.commits_quickly()
+
+    async def _in_thread(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        self.stats["state_calls_thread"] += 1
+        return await self._thread.run(func, *args, **kwargs)
+
     # --- unprepare -----------------------------------------------------------------
 
     async def unprepare_claims(
@@ -372,8 +411,13 @@ class NxDriver:
     ) -> dict[str, str]:
         """Unprepare a batch; claim UID -> error message, "" for success."""
         start = time.monotonic()
-        timeout = min(budget, PREPARE_DEADLINE)
-        results = await self._thread.run(self._state.unprepare, [c.uid for c in claims], timeout)
+        uids = [c.uid for c in claims]
+        results = self._state.unprepare_now(uids) if self._on_loop(len(uids)) else None
+        if results is None:
+            timeout = min(budget, PREPARE_DEADLINE)
+            results = await self._in_thread(self._state.unprepare, uids, timeout)
+        else:
+            self.stats["state_calls_loop"] += 1
         self._check_outside_credits()
         self.stats["unprepared"] += sum(1 for error in results.values() if not error)
         if self.on_latency is not None:

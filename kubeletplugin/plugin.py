@@ -387,20 +387,31 @@ def _register_metrics(
         prepared = GaugeMetricFamily(
             "power_dra_plugin_prepared_claims", "Claims prepared on this node", len(driver.claims)
         )
-        calls = GaugeMetricFamily(
-            "power_dra_plugin_claims_total", "Claims handled since start", labels=["operation"]
+        stats = driver.stats
+        calls = _by_label(
+            "power_dra_plugin_claims_total",
+            "Claims handled since start",
+            "operation",
+            {
+                "prepare": stats["prepared"],
+                "unprepare": stats["unprepared"],
+                "prepare_error": stats["prepare_errors"],
+            },
         )
-        calls.add_metric(["prepare"], driver.stats["prepared"])
-        calls.add_metric(["unprepare"], driver.stats["unprepared"])
-        calls.add_metric(["prepare_error"], driver.stats["prepare_errors"])
-        reads = GaugeMetricFamily(
+        reads = _by_label(
             "power_dra_plugin_claim_reads_total",
             "Claims prepare read, by where the answer came from (cache: the API server's "
             "watch cache; etcd: a quorum read)",
-            labels=["source"],
+            "source",
+            {"cache": stats["claim_reads_cache"], "etcd": stats["claim_reads_etcd"]},
         )
-        reads.add_metric(["cache"], driver.stats["claim_reads_cache"])
-        reads.add_metric(["etcd"], driver.stats["claim_reads_etcd"])
+        state_calls = _by_label(
+            "power_dra_plugin_state_calls_total",
+            "Prepare and unprepare calls by the thread that wrote the state (loop: the "
+            "event loop, quick writes; state: the state thread)",
+            "thread",
+            {"loop": stats["state_calls_loop"], "state": stats["state_calls_thread"]},
+        )
         total = sum(sum(c.value for c in d.capacity.values()) for d in publisher.devices)
         credits_total = GaugeMetricFamily(
             "power_dra_plugin_credits_total", "NX-gzip credits published", labels=["node"]
@@ -413,6 +424,16 @@ def _register_metrics(
             labels=["node"],
         )
         credits_allocated.add_metric([node], used)
-        return [prepared, calls, reads, credits_total, credits_allocated]
+        return [prepared, calls, reads, state_calls, credits_total, credits_allocated]
 
     registry.register(ScrapeTime(node_state))
+
+
+def _by_label(name: str, documentation: str, label: str, values: dict[str, int]) -> Metric:
+    """A gauge family with one sample per value of `label`."""
+    from controller.process.metrics import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family

@@ -2,8 +2,9 @@
 """The plugin's state on this node: which claims are prepared, and their CDI specs.
 
 Plain synchronous code (every method blocks on the file system); the async
-driver (`driver.NxDriver`) runs it in one worker thread, one call per gRPC
-request. It owns:
+driver (`driver.NxDriver`) makes one call per gRPC request, on its event loop
+when the lock is free and the write quick (`prepare_now`, `unprepare_now`), in
+one worker thread otherwise. It owns:
 
 - the state file (`checkpoint.StateFile`: snapshot plus journal, one
   fdatasync'd append per call, whatever the number of claims held);
@@ -31,10 +32,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from controller.nx.names import DEVICE_PATH
 
@@ -59,7 +60,14 @@ from .ibm_state import (
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 __all__ = ["DriverPaths", "PluginState", "PrepareResult"]
+
+# A write this quick (a journal append and its fdatasync, in seconds) is quick
+# enough to make on the caller's thread (see `PluginState.commits_quickly`).
+QUICK_COMMIT_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -196,11 +204,14 @@ class PluginState:
             return {
                 uid: PrepareResult(error=f"{_label(c)}: {refused}") for uid, c in decided.items()
             }
-        try:
-            return self._prepare_locked(decided)
-        finally:
-            self._recount_outside_credits()
-            self._lock.release()
+        return self._then_unlock(self._prepare_locked, decided)
+
+    def prepare_now(self, decided: Mapping[str, PreparedClaim]) -> dict[str, PrepareResult] | None:
+        """`prepare` if the state lock is free this instant; None, with nothing done,
+        when it is taken (or the state is closing): call `prepare` then, which waits."""
+        if not self._take_lock_now():
+            return None
+        return self._then_unlock(self._prepare_locked, decided)
 
     def _prepare_locked(self, decided: Mapping[str, PreparedClaim]) -> dict[str, PrepareResult]:
         self._refresh_from_disk()
@@ -244,27 +255,25 @@ class PluginState:
         prepared is a success: the kubelet retries unprepare after a crash).
         A UID unsafe in a file name is refused without touching anything.
         """
-        results: dict[str, str] = {}
-        valid: list[str] = []
-        for uid in uids:
-            try:
-                validate_claim_uid(uid)
-            except ClaimError as exc:
-                results[uid] = str(exc)
-                continue
-            results[uid] = ""
-            valid.append(uid)
+        results, valid = _checked_uids(uids)
         if not valid:
             return results
         refused = self._refusal(timeout)
         if refused:
             results.update((uid, f"claim {uid}: {refused}") for uid in valid)
             return results
-        try:
-            self._unprepare_locked(valid, results)
-        finally:
-            self._recount_outside_credits()
-            self._lock.release()
+        self._then_unlock(self._unprepare_locked, valid, results)
+        return results
+
+    def unprepare_now(self, uids: Iterable[str]) -> dict[str, str] | None:
+        """`unprepare` if the state lock is free this instant; None, with nothing done,
+        when it is taken (or the state is closing): call `unprepare` then, which waits."""
+        results, valid = _checked_uids(uids)
+        if not valid:
+            return results
+        if not self._take_lock_now():
+            return None
+        self._then_unlock(self._unprepare_locked, valid, results)
         return results
 
     def _unprepare_locked(self, uids: list[str], results: dict[str, str]) -> None:
@@ -322,6 +331,34 @@ class PluginState:
             return "the plugin is stopping; the kubelet retries with the next instance"
         return ""
 
+    def _then_unlock(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`func(*args, **kwargs)` with the state lock taken by the caller, then the lock
+        released (and the credits outside our slice recounted) whatever happened."""
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._recount_outside_credits()
+            self._lock.release()
+
+    def _take_lock_now(self) -> bool:
+        """Take the state lock if it is free and the state is open, without waiting."""
+        if self._closed or not self._lock.try_acquire():
+            return False
+        if self._closed:  # closed meanwhile, from the thread that stops the plugin
+            self._lock.release()
+            return False
+        return True
+
+    def commits_quickly(self) -> bool:
+        """Whether the next call's write is expected to be quick: a journal append (not a
+        new snapshot, nor another instance's file to read again) on a disk whose last
+        write took under QUICK_COMMIT_SECONDS."""
+        return (
+            self._file.appends_next()
+            and self._file.last_record_seconds < QUICK_COMMIT_SECONDS
+            and not self._file.changed_on_disk()
+        )
+
     # --- files ---------------------------------------------------------------------
 
     def _spec(self, prepared: PreparedClaim) -> dict[str, Any]:
@@ -363,6 +400,22 @@ class PluginState:
         if self._outside_may_change:
             self._outside_may_change = False
             self.outside_credits = credits_outside_our_slice(self._claims.values())
+
+
+def _checked_uids(uids: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Unprepare's answer so far ("" per valid UID, the error for one unsafe in a file
+    name) and the valid UIDs."""
+    results: dict[str, str] = {}
+    valid: list[str] = []
+    for uid in uids:
+        try:
+            validate_claim_uid(uid)
+        except ClaimError as exc:
+            results[uid] = str(exc)
+            continue
+        results[uid] = ""
+        valid.append(uid)
+    return results, valid
 
 
 def _label(claim: PreparedClaim) -> str:

@@ -193,6 +193,22 @@ def test_a_journal_that_outgrows_the_snapshot_is_compacted(node: Node) -> None:
     assert node.load() == ({}, [])
 
 
+def test_the_state_file_says_which_writes_append(node: Node) -> None:
+    state = StateFile(node.checkpoint, BOOT, min_compact_bytes=0)
+    state.load(node.cdi_root)
+    assert not state.appends_next()  # no journal of this generation yet: a snapshot
+    state.record({UID_A: CLAIMS[UID_A]}, {UID_A: CLAIMS[UID_A]})
+    assert state.appends_next()
+    snapshot = node.checkpoint.stat().st_size
+    while state.appends_next():
+        state.record({}, {}, [UID_A])
+    # It stops appending once the journal has outgrown twice the snapshot, no sooner.
+    assert 2 * snapshot < len(journal_path(node.checkpoint).read_bytes()) < 3 * snapshot
+    state.record({}, {}, [UID_A])
+    assert journal_path(node.checkpoint).read_bytes() == b""  # compacted
+    assert state.appends_next()
+
+
 def test_closing_leaves_the_previous_release_format(node: Node) -> None:
     state = journaled(node)
     state.close({UID_B: CLAIMS[UID_B]})

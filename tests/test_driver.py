@@ -15,8 +15,15 @@ import pytest
 
 from controller.kube.client import ApiClient
 from controller.kube.resources import PODS, resource_kinds
+from kubeletplugin import state as state_module
 from kubeletplugin.cdi import claim_spec, spec_file_name, write_claim_spec
-from kubeletplugin.checkpoint import journal_path, read_boot_id, read_state, save_checkpoint
+from kubeletplugin.checkpoint import (
+    StateLock,
+    journal_path,
+    read_boot_id,
+    read_state,
+    save_checkpoint,
+)
 from kubeletplugin.claims import ClaimRef, PreparedClaim, PreparedDevice, cdi_device_id
 from kubeletplugin.driver import (
     CLAIM_READ_CACHE,
@@ -192,6 +199,56 @@ async def test_unprepare_refuses_an_unsafe_uid_and_touches_nothing(paths: Driver
     assert "is not a safe token" in errors["../plugin/checkpoint"]
     assert sorted(p.name for p in paths.cdi_root.iterdir()) == before
     assert checkpoint_uids(paths) == {UID}
+
+
+# --- where a state call is made ---------------------------------------------------------------
+
+
+def state_calls(driver: NxDriver) -> tuple[int, int]:
+    """(calls made on the event loop, calls made in the state thread)."""
+    return driver.stats["state_calls_loop"], driver.stats["state_calls_thread"]
+
+
+@pytest.mark.anyio
+async def test_a_state_call_waits_in_the_state_thread_while_another_instance_holds_the_lock(
+    paths: DriverPaths,
+) -> None:
+    third = "9e8d7c6b-5a49-4382-9716-a5b4c3d2e1f0"
+    driver = with_prepared(paths, prepared(UID), prepared(OTHER_UID, "other"), prepared(third))
+    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])
+    assert state_calls(driver) == (0, 1)  # the first write after a start: a snapshot
+    await driver.unprepare_claims([ClaimRef("ns", OTHER_UID, "other")])
+    assert state_calls(driver) == (1, 1)  # a free lock, a quick append: on the event loop
+    other_instance = StateLock(paths.lock)
+    assert other_instance.try_acquire()
+    async with anyio.create_task_group() as tg:
+        answer: dict[str, str] = {}
+
+        async def unprepare_third() -> None:
+            answer.update(await driver.unprepare_claims([ClaimRef("ns", third, "claim")]))
+
+        tg.start_soon(unprepare_third)
+        with anyio.fail_after(5):
+            while state_calls(driver) != (1, 2):
+                await anyio.sleep(0.001)
+        # The event loop goes on while the call waits for the lock in the thread.
+        assert spec_path(paths, third).exists()
+        other_instance.release()
+    assert answer == {third: ""}
+    assert not spec_path(paths, third).exists()
+    assert checkpoint_uids(paths) == set()
+
+
+@pytest.mark.anyio
+async def test_a_state_call_after_a_slow_write_is_made_in_the_state_thread(
+    paths: DriverPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = with_prepared(paths, prepared(UID), prepared(OTHER_UID, "other"))
+    await driver.unprepare_claims([ClaimRef("ns", UID, "claim")])  # a snapshot: the thread
+    monkeypatch.setattr(state_module, "QUICK_COMMIT_SECONDS", 0.0)  # every write is slow
+    assert await driver.unprepare_claims([ClaimRef("ns", OTHER_UID, "other")]) == {OTHER_UID: ""}
+    assert state_calls(driver) == (0, 2)
+    assert checkpoint_uids(paths) == set()
 
 
 # --- with claims read from the API server ---------------------------------------------------

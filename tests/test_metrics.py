@@ -71,6 +71,11 @@ PLUGIN_FAMILIES = {
         "Claims prepare read, by where the answer came from (cache: the API server's "
         "watch cache; etcd: a quorum read)",
     ),
+    "power_dra_plugin_state_calls_total": (
+        "gauge",
+        "Prepare and unprepare calls by the thread that wrote the state (loop: the "
+        "event loop, quick writes; state: the state thread)",
+    ),
     "power_dra_plugin_credits_total": ("gauge", "NX-gzip credits published"),
     "power_dra_plugin_credits_allocated": ("gauge", "NX-gzip credits of prepared claims"),
 }
@@ -299,3 +304,5 @@ def test_the_plugin_serves_its_metrics_in_the_prometheus_text_format(
     assert sample(text, "power_dra_plugin_claims_total", operation="prepare") == 0
     assert sample(text, "power_dra_plugin_claim_reads_total", source="cache") == 0
     assert sample(text, "power_dra_plugin_claim_reads_total", source="etcd") == 0
+    assert sample(text, "power_dra_plugin_state_calls_total", thread="loop") == 0
+    assert sample(text, "power_dra_plugin_state_calls_total", thread="state") == 0
