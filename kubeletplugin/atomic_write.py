@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The one atomic file write helper: readers see the old file or the new one.
 
-Used for CDI specs and the plugin's state file. Every call blocks on fsync
-(milliseconds on a busy disk): async callers run it in a worker thread.
+Used for CDI specs and the plugin's state file. Every durable call blocks on
+fsync (milliseconds on a busy disk): async callers run it in a worker thread,
+or on the event loop only where it is known to be quick (see
+`driver.NxDriver._on_loop`).
 """
 
 from __future__ import annotations

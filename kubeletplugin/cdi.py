@@ -139,7 +139,7 @@ def spec_file_name(uid: str) -> str:
 
 
 def write_claim_spec(cdi_root: Path, spec: Mapping[str, Any], uid: str) -> Path:
-    """Write a claim's spec atomically; blocking, run it in a worker thread.
+    """Write a claim's spec atomically; blocking (a tmpfs write, not fsync'd).
 
     Creates `cdi_root` when missing (it is a tmpfs that a reboot empties).
     Returns the file's path.

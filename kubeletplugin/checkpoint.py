@@ -30,8 +30,9 @@ laid out. A file that cannot be trusted is never fatal: it is moved aside and
 the claims are rebuilt from our CDI spec files, which carry each
 `PreparedClaim` in an annotation.
 
-All functions here block (fsync); async callers run them in a worker thread,
-once per batch of claims.
+All functions here block (fsync), once per batch of claims; the driver makes
+a quick journal append on its event loop and everything else in its state
+thread (see `driver.NxDriver._on_loop`).
 """
 
 from __future__ import annotations
