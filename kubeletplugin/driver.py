@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+A = TypeVar("A", bound=Sized)  # a state call's claims
 
 # The kubelet gives a DRA call 45 s; answer before it gives up. A call's own
 # gRPC deadline (the budget the service passes) is used when it is shorter.
@@ -264,13 +265,11 @@ class NxDriver:
                 for ref in new:
                     tg.start_soon(self._decide, ref, decide_by, budget, decided, results)
         if decided:
-            done = self._state.prepare_now(decided) if self._on_loop(len(decided)) else None
-            if done is None:
-                timeout = start + budget - time.monotonic()
-                done = await self._in_thread(self._state.prepare, decided, timeout)
-            else:
-                self.stats["state_calls_loop"] += 1
-            results.update(done)
+            results.update(
+                await self._call_state(
+                    self._state.prepare_now, self._state.prepare, decided, start + budget
+                )
+            )
             self._check_outside_credits()
         errors = 0
         for uid, result in results.items():
@@ -400,9 +399,23 @@ class NxDriver:
         """
         return claims <= LOOP_MAX_CLAIMS and self._thread.idle and self._state.commits_quickly()
 
-    async def _in_thread(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def _call_state(
+        self,
+        now: Callable[[A], T | None],
+        waiting: Callable[[A, float], T],
+        claims: A,
+        deadline: float,
+    ) -> T:
+        """One state call for `claims`: `now` on the event loop when `_on_loop` allows it
+        and the lock is free, else `waiting` in the state thread, which may wait for the
+        lock until `deadline` (on the monotonic clock)."""
+        if self._on_loop(len(claims)):
+            done = now(claims)
+            if done is not None:
+                self.stats["state_calls_loop"] += 1
+                return done
         self.stats["state_calls_thread"] += 1
-        return await self._thread.run(func, *args, **kwargs)
+        return await self._thread.run(waiting, claims, deadline - time.monotonic())
 
     # --- unprepare -----------------------------------------------------------------
 
@@ -411,13 +424,12 @@ class NxDriver:
     ) -> dict[str, str]:
         """Unprepare a batch; claim UID -> error message, "" for success."""
         start = time.monotonic()
-        uids = [c.uid for c in claims]
-        results = self._state.unprepare_now(uids) if self._on_loop(len(uids)) else None
-        if results is None:
-            timeout = min(budget, PREPARE_DEADLINE)
-            results = await self._in_thread(self._state.unprepare, uids, timeout)
-        else:
-            self.stats["state_calls_loop"] += 1
+        results = await self._call_state(
+            self._state.unprepare_now,
+            self._state.unprepare,
+            [c.uid for c in claims],
+            start + min(budget, PREPARE_DEADLINE),
+        )
         self._check_outside_credits()
         self.stats["unprepared"] += sum(1 for error in results.values() if not error)
         if self.on_latency is not None:
